@@ -1,0 +1,20 @@
+"""Stage 2 on the shapes world: mixed fine-tuning, lambda = 0.5 image-only / text-image pairs.
+
+  iomm-train --config experiments/shapes/finetune.py --workdir runs/shapes/finetune \
+      --config.model.mllm_from=runs/shapes/mllm --config.train.init_from=runs/shapes/pretrain
+  ...:quick runs a seconds-long variant.
+"""
+
+from iomm_jax.configs.base import get_base_config
+from iomm_jax.configs.loading import parse_arg
+from iomm_jax.configs.shapes import shapes_generator
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, quick=False, steps=2000)
+  c = get_base_config()
+  c.stage = "finetune"
+  c.diffusion.mask_ratio = 0.85
+  c.diffusion.mix_ratio = 0.5
+  c.data.num_pairs = 2000
+  return shapes_generator(c, a)

@@ -1,0 +1,41 @@
+"""``iomm-train``: run one stage from an experiment file.
+
+  iomm-train --config experiments/shapes/pretrain.py[:arg] --workdir W [--config.optim.lr=3e-4]
+
+The stage is ``config.stage``; re-running the same command resumes from the workdir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from iomm_jax.train import finetune, mllm, pretrain
+
+LOOPS = {
+  "mllm": mllm.train_and_evaluate,
+  "pretrain": pretrain.train_and_evaluate,
+  "finetune": finetune.train_and_evaluate,
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, samples")
+
+
+def _main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config.stage not in LOOPS:
+    raise app.UsageError(f"config.stage={config.stage!r} unknown; choose from {sorted(LOOPS)}")
+  LOOPS[config.stage](config, _WORKDIR.value)
+
+
+def main():
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,108 @@
+"""The base experiment config: every key with its default and a one-line comment.
+
+Experiment files under ``experiments/`` start from ``get_base_config()`` and override keys;
+nothing reads a key that is not defined here (configs are locked). Defaults follow the paper's
+IOMM-B recipe where it gives one (paper.md §3) and the embedded shapes world otherwise.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+AUX_PROMPT = "Generate an image that is identical to the reference image:"
+STAGES = ("mllm", "pretrain", "finetune")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the complete, unlocked base config."""
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"  # which loop: "mllm" (stage 0), "pretrain" (1), "finetune" (2)
+  c.seed = 0  # seeds parameters, data order and all training randomness
+
+  c.model = m = ml_collections.ConfigDict()
+  m.mllm = "tiny"  # MLLM_VARIANTS name (frozen understanding model)
+  m.generator = "tiny"  # MMDIT_VARIANTS name (the MM-DiT generator)
+  m.condition = "rqa"  # "rqa" (Residual Query Adapter) or "queries" (input-independent, MetaQuery)
+  m.num_queries = 256  # learned query tokens appended to the MLLM input
+  m.adapter_heads = 12  # RQA cross-attention heads
+  m.adapter_layers = 1  # RQA blocks
+  m.adapter_mlp_ratio = 4.0  # RQA MLP width / model width
+  m.connector = "linear"  # MLLM hidden -> generator context: "linear", "mlp" or "transformer"
+  m.connector_layers = 2  # layers of a "transformer" connector
+  m.connector_heads = 8  # heads of a "transformer" connector
+  m.codec = "pixel"  # latent codec: "pixel" (space-to-depth) or "vae" (FLUX AutoencoderKL)
+  m.codec_factor = 2  # space-to-depth factor of the pixel codec
+  m.vae = "flux"  # VAE_VARIANTS name when codec == "vae"
+  m.vae_checkpoint = ""  # directory of converted VAE weights ("" = random init, tests only)
+  m.image_size = 32  # generated image side in pixels
+  m.max_text_len = 24  # token limit of a text prompt (longer prompts are an error)
+  m.aux_prompt = AUX_PROMPT  # fixed auxiliary prompt of image-only conditions (paper §2.2)
+  m.dtype = "float32"  # compute dtype of the trainable modules
+  m.param_dtype = "float32"  # storage dtype of the trainable parameters
+  m.mllm_dtype = "float32"  # compute and storage dtype of the frozen MLLM
+  m.mllm_from = ""  # workdir of a stage-0 run (or converted MLLM checkpoint dir) to freeze
+  m.mllm_init = "checkpoint"  # "checkpoint" (from mllm_from) or "random" (ablation)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "shapes"  # dataset; "shapes" is the embedded procedural world
+  d.canvas = 32  # shapes world: canvas side in pixels
+  d.grid = 2  # shapes world: objects sit in a grid x grid layout of cells
+  d.num_pairs = 2000  # stage 2: size of the fixed curated text-image pair set
+  d.image_only_source = "pairs"  # stage 2 image-only half: "pairs" (captions dropped) or "stream"
+  d.num_workers = 0  # grain worker processes (0 = in the training process)
+  d.prefetch = 2  # grain per-worker buffer size
+
+  c.diffusion = f = ml_collections.ConfigDict()
+  f.mask_ratio = 0.85  # r: share of condition image tokens zeroed (paper: 0.85 for B/L)
+  f.mix_ratio = 0.5  # lambda: share of image-only samples in stage 2 (paper: 0.5)
+  f.cond_dropout = 0.1  # probability of the null condition, for classifier-free guidance
+  f.t_sampler = "uniform"  # training time distribution: "uniform" (paper) or "logit_normal"
+  f.logit_mean = 0.0  # logit-normal mean
+  f.logit_std = 1.0  # logit-normal std
+  f.t_shift = 1.0  # time shift applied to training times (1 = none)
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.num_steps = 25  # ODE steps
+  s.solver = "euler"  # "euler" or "heun"
+  s.cfg_scale = 4.0  # classifier-free guidance scale (1 = off)
+  s.shift = 1.0  # sampling time-grid shift
+  s.use_ema = True  # sample with EMA parameters
+  s.num_grid = 8  # prompts in the training-time sample grid
+  s.per_prompt = 4  # images per prompt in the sample grid
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"  # "adamw" or "muon"
+  o.lr = 1e-4  # peak learning rate (paper: 1e-4)
+  o.b1 = 0.9  # beta1 (paper: 0.9)
+  o.b2 = 0.95  # beta2 (paper: 0.95)
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.0  # decoupled weight decay (paper: 0)
+  o.clip_norm = 1.0  # global gradient-norm clip (paper: 1.0; 0 = off)
+  o.schedule = "constant"  # "constant", "cosine" or "linear" after warmup
+  o.warmup_steps = 0  # linear warmup steps
+  o.final_lr_fraction = 0.0  # end LR / peak LR for decaying schedules
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 32  # global batch size
+  t.num_steps = 1000  # total training steps of this stage
+  t.ema_decay = 0.999  # EMA decay of trainable parameters (paper: 0.999; 0 = off)
+  t.ema_warmup = True  # use min(decay, (1 + step) / (10 + step)) so short runs track
+  t.init_from = ""  # stage 2: workdir of the stage-1 run to initialise from
+  t.log_every = 50  # steps between metric writes
+  t.ckpt_every = 500  # steps between checkpoints (and one at the end)
+  t.keep_checkpoints = 2  # checkpoints kept in the workdir
+  t.sample_every = 0  # steps between sample grids (0 = only at the end)
+  t.max_nonfinite = 10  # stop after this many non-finite updates in a row
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.mesh = (-1, 1, 1)  # (data, fsdp, tensor) sizes; -1 = the remaining devices
+  c.sharding.logical_axis_rules = (  # logical axis -> mesh axes
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("modulation", "tensor"),
+  )
+  return c

@@ -1,0 +1,44 @@
+"""Settings shared by the shapes-world experiments (the embedded default's model and schedule).
+
+Experiment files under ``experiments/shapes/`` call these after ``get_base_config()``.
+"""
+
+import ml_collections
+
+
+def shapes_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The embedded default's model (every stage must agree on it)."""
+  c.model.mllm = "tiny"
+  c.model.generator = "tiny"
+  c.model.num_queries = 16  # the tiny MLLM sees 16 image tokens; 16 queries summarise them
+  c.model.adapter_heads = 4  # tiny MLLM width 128 = 4 heads x 32
+  return c
+
+
+def shapes_generator(
+  c: ml_collections.ConfigDict, a: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+  """Model, schedule and sampling settings of the shapes stage-1 and stage-2 experiments."""
+  shapes_model(c)
+  c.sample.num_steps = 20
+  c.sample.cfg_scale = 3.0
+  c.train.batch_size = 32
+  c.train.num_steps = a.steps
+  c.train.log_every = 50
+  c.train.ckpt_every = 500
+  c.optim.lr = 1e-3  # tiny model, few minutes: higher than the paper's 1e-4 for 1.6 B
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"
+  c.optim.final_lr_fraction = 0.1
+  c.train.ema_decay = 0.995
+  if a.quick:
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.ckpt_every = 3
+    c.train.batch_size = 8
+    c.optim.warmup_steps = 2
+    c.sample.num_steps = 2
+    c.sample.num_grid = 2
+    c.sample.per_prompt = 2
+    c.data.num_pairs = 64
+  return c

@@ -1,0 +1,1 @@
+"""Evaluation: the deterministic shapes-world detector and GenEval-style scoring."""

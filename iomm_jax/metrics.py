@@ -1,0 +1,104 @@
+"""Training metrics: ``<workdir>/metrics.jsonl``, TensorBoard through clu, console progress.
+
+Only process 0 writes. Values are pulled to the host only at log steps (the caller passes device
+arrays; ``jax.device_get`` happens here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+class MetricsLogger:
+  """Writes scalars to metrics.jsonl + TensorBoard and prints a progress line with ETA."""
+
+  def __init__(
+    self, workdir: str, total_steps: int, first_step: int = 0, tensorboard: bool = True, stream=None
+  ):
+    self.workdir = workdir
+    self.total = total_steps
+    self.is_main = jax.process_index() == 0
+    self.stream = stream or sys.stdout
+    self._t0 = time.perf_counter()
+    self._last_t = self._t0
+    self._last_step = first_step
+    self._writer = None
+    if self.is_main:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from clu import metric_writers  # imports TensorFlow: only when writing event files
+
+        self._writer = metric_writers.create_default_writer(
+          os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True
+        )
+
+  def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """Records ``metrics`` (device or host scalars) at ``step``; returns the host values."""
+    now = time.perf_counter()
+    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
+    self._last_t, self._last_step = now, step
+    host["steps_per_s"] = rate
+    host["eta_s"] = (self.total - step) / rate if rate > 0 else float("nan")
+    host["elapsed_s"] = now - self._t0
+    if self.is_main:
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **host}) + "\n")
+      if self._writer is not None:
+        self._writer.write_scalars(step, host)
+      print(self.progress_line(step, host), file=self.stream, flush=True)
+    return host
+
+  def progress_line(self, step: int, host: dict[str, float]) -> str:
+    eta = host["eta_s"]
+    eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if np.isfinite(eta) else "?"
+    extra = " ".join(f"{k}={host[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in host)
+    return (
+      f"[{os.path.basename(self.workdir.rstrip('/'))}] step {step}/{self.total} "
+      f"({100 * step / max(self.total, 1):.0f}%) {extra} "
+      f"{host['steps_per_s']:.2f} steps/s ETA {eta_s}"
+    )
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> str:
+    """Saves a uint8 [H, W, 3] image as ``<workdir>/<name>_<step>.png`` and to TensorBoard."""
+    path = os.path.join(self.workdir, f"{name}_{step:07d}.png")
+    if self.is_main:
+      Image.fromarray(image).save(path)
+      if self._writer is not None:
+        self._writer.write_images(step, {name: image[None]})
+    return path
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """All records of ``<workdir>/metrics.jsonl`` (empty list if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images: np.ndarray, rows: int, pad: int = 2, value: int = 255) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, 3] into a grid with ``rows`` rows."""
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), value, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
+    ] = images[i]
+  return grid

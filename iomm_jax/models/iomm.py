@@ -1,0 +1,274 @@
+"""The IOMM model as pure functions over explicit parameter trees.
+
+Data flow of one conditioned velocity prediction (paper Fig. 2a):
+
+  cond ids [B, L] --embed (frozen)--> [B, L, D]          image [B, H, W, 3]
+                                        ^                    | ViT + projector (frozen)
+                                        | scatter at <IMG_CONTEXT>, masked tokens zeroed
+  RQA(embeds, valid) -> queries [B, Q, D]  (trainable)
+  MLLM decoder (frozen) over [embeds ; queries] -> hidden at the Q query positions
+  Connector (trainable) -> context [B, Q, C]; pooled = mean over Q
+  MM-DiT (trainable)(x_t tokens, context, pooled, t) -> velocity
+
+Parameters live in two trees: ``trainable = {"adapter", "connector", "generator"}`` (differentiated
+and optimised) and ``frozen = {"mllm", "codec"}`` (never differentiated, no optimizer state).
+
+Alphabet: B batch, L condition tokens, Q queries, P image tokens, D MLLM width, C context width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from iomm_jax.models import adapter as adapter_lib
+from iomm_jax.models import codec as codec_lib
+from iomm_jax.models import mllm as mllm_lib
+from iomm_jax.models import mmdit as mmdit_lib
+
+# ImageNet statistics used by InternViT's preprocessing.
+VIT_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+VIT_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CONDITIONS = ("rqa", "queries")
+
+
+class LearnedQueries(nn.Module):
+  """Input-independent learned queries (MetaQuery style); same interface as the RQA."""
+
+  num_queries: int
+  width: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, embeds: jax.Array, valid: jax.Array) -> jax.Array:
+    del valid
+    init = nn.initializers.normal(stddev=self.width**-0.5)
+    q = self.param(
+      "queries",
+      nn.with_logical_partitioning(init, ("queries", "embed")),
+      (self.num_queries, self.width),
+      self.param_dtype,
+    )
+    return jnp.broadcast_to(q.astype(embeds.dtype), (embeds.shape[0], *q.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class IOMM:
+  """The static half of the model: Linen modules and sizes, no parameters."""
+
+  mllm: mllm_lib.InternVLModel
+  adapter: nn.Module
+  connector: adapter_lib.Connector
+  generator: mmdit_lib.MMDiT
+  codec: Any
+  image_size: int
+  num_queries: int
+
+  @property
+  def mllm_config(self) -> mllm_lib.MLLMConfig:
+    return self.mllm.config
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    return tuple(self.codec.latent_shape(self.image_size, self.image_size))
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Number of MLLM image tokens per condition image (after pixel shuffle)."""
+    return self.mllm_config.num_image_tokens
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def build(config: ml_collections.ConfigDict, vocab_size: int, image_token_id: int) -> IOMM:
+  """Builds the modules of ``config.model`` for a tokenizer of ``vocab_size`` ids whose
+  image-context placeholder is ``image_token_id``."""
+  m = config.model
+  if m.condition not in CONDITIONS:
+    raise ValueError(f"config.model.condition={m.condition!r} unknown; choose from {CONDITIONS}")
+  mcfg = mllm_lib.get_mllm_config(m.mllm, vocab_size=vocab_size, image_token_id=image_token_id)
+  width = mcfg.text.width
+  codec = codec_lib.make_codec(
+    m.codec, **({"factor": m.codec_factor} if m.codec == "pixel" else {"variant": m.vae})
+  )
+  gcfg = mmdit_lib.get_mmdit_config(m.generator)
+  gcfg = mmdit_lib.get_mmdit_config(
+    m.generator, in_channels=codec.latent_channels * gcfg.latent_patch**2
+  )
+  kw = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+  if m.condition == "rqa":
+    acfg = adapter_lib.AdapterConfig(
+      width=width,
+      num_queries=m.num_queries,
+      num_heads=m.adapter_heads,
+      num_layers=m.adapter_layers,
+      mlp_ratio=m.adapter_mlp_ratio,
+    )
+    adapter = adapter_lib.ResidualQueryAdapter(acfg, **kw)
+  else:
+    adapter = LearnedQueries(m.num_queries, width, param_dtype=kw["param_dtype"])
+  ccfg = adapter_lib.ConnectorConfig(
+    kind=m.connector,
+    width_out=gcfg.joint_attention_dim,
+    num_layers=m.connector_layers,
+    num_heads=m.connector_heads,
+  )
+  if gcfg.pooled_projection_dim != gcfg.joint_attention_dim:
+    raise ValueError(
+      "generator pooled_projection_dim must equal joint_attention_dim: the pooled "
+      "condition is the mean of the context tokens"
+    )
+  mdt = _dtype(m.mllm_dtype)
+  return IOMM(
+    mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt),
+    adapter=adapter,
+    connector=adapter_lib.Connector(ccfg, **kw),
+    generator=mmdit_lib.MMDiT(gcfg, **kw),
+    codec=codec,
+    image_size=m.image_size,
+    num_queries=m.num_queries,
+  )
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def init_trainable(model: IOMM, rng: jax.Array, cond_len: int) -> dict[str, Any]:
+  """Boxed (logically annotated) parameters of the adapter, connector and generator."""
+  r_a, r_c, r_g = jax.random.split(rng, 3)
+  d = model.mllm_config.text.width
+  embeds = jnp.zeros((1, cond_len, d), jnp.float32)
+  valid = jnp.ones((1, cond_len), bool)
+  h, w, c = model.latent_shape
+  tokens = mmdit_lib.pack_latents(jnp.zeros((1, h, w, c)), model.generator.config.latent_patch)
+  gp = model.generator.config.latent_patch
+  ctx_w = model.generator.config.joint_attention_dim
+  return {
+    "adapter": model.adapter.init(r_a, embeds, valid)["params"],
+    "connector": model.connector.init(r_c, jnp.zeros((1, model.num_queries, d)))["params"],
+    "generator": model.generator.init(
+      r_g,
+      tokens,
+      mmdit_lib.image_ids(1, h // gp, w // gp),
+      jnp.zeros((1, model.num_queries, ctx_w)),
+      mmdit_lib.text_ids(1, model.num_queries),
+      jnp.zeros((1, ctx_w)),
+      jnp.zeros((1,)),
+    )["params"],
+  }
+
+
+def init_mllm(model: IOMM, rng: jax.Array) -> Any:
+  """Boxed parameters of the whole MLLM (vision tower, projector, decoder, LM head)."""
+  s = model.mllm_config.vision.image_size
+  ids = jnp.zeros((1, model.num_image_tokens + 4), jnp.int32)
+  return model.mllm.init(rng, ids, jnp.zeros((1, s, s, 3)))["params"]
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+
+def vit_pixels(model: IOMM, images: jax.Array) -> jax.Array:
+  """uint8 or [-1, 1] images [B, H, W, 3] -> normalised ViT input at the MLLM's resolution."""
+  x = images.astype(jnp.float32)
+  x = x / 255.0 if images.dtype == jnp.uint8 else (x + 1.0) / 2.0
+  s = model.mllm_config.vision.image_size
+  if x.shape[1:3] != (s, s):
+    x = jax.image.resize(x, (x.shape[0], s, s, 3), "bilinear", antialias=True)
+  return (x - VIT_MEAN) / VIT_STD
+
+
+def vision_tokens(model: IOMM, mllm_params: Any, images: jax.Array) -> jax.Array:
+  """Frozen MLLM image tokens [B, P, D] (ViT + pixel shuffle + projector), no gradient."""
+  toks = model.mllm.apply(
+    {"params": mllm_params}, vit_pixels(model, images), method=mllm_lib.InternVLModel.encode_images
+  )
+  return jax.lax.stop_gradient(toks)
+
+
+def query_attention(valid: jax.Array, num_queries: int) -> tuple[jax.Array, jax.Array]:
+  """Mask and positions for the MLLM sequence [prompt (L, right-padded) ; queries (Q)].
+
+  Prompt tokens attend causally to valid prompt tokens and never to the queries; queries attend
+  to every valid prompt token and to all queries (paper Fig. 2a's "MLLM Attn. Mask").
+  Returns mask [B, 1, L+Q, L+Q] bool and positions [B, L+Q] int32 (queries continue after the
+  last valid prompt token).
+  """
+  b, l = valid.shape
+  n = l + num_queries
+  key_valid = jnp.concatenate([valid, jnp.ones((b, num_queries), bool)], axis=1)
+  i = jnp.arange(n)[:, None]
+  j = jnp.arange(n)[None, :]
+  allowed = jnp.where(i < l, (j <= i), True)  # causal in the prompt, full for the queries
+  mask = allowed[None, None] & key_valid[:, None, None, :]
+  length = valid.sum(axis=1, keepdims=True).astype(jnp.int32)
+  pos = jnp.concatenate(
+    [
+      jnp.cumsum(valid, axis=1).astype(jnp.int32) - 1,
+      length + jnp.arange(num_queries, dtype=jnp.int32)[None],
+    ],
+    axis=1,
+  )
+  return mask, jnp.maximum(pos, 0)
+
+
+def condition(
+  model: IOMM,
+  trainable: Any,
+  mllm_params: Any,
+  cond_ids: jax.Array,
+  cond_valid: jax.Array,
+  image_tokens: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+  """Generator condition from a prompt (and its possibly masked image tokens).
+
+  Args:
+    cond_ids: [B, L] ids; positions holding the image-context id receive ``image_tokens``.
+    cond_valid: [B, L] key padding mask (True = real token).
+    image_tokens: [B, P, D] already masked, or None for text-only batches.
+  Returns:
+    context [B, Q, C] and pooled [B, C].
+  """
+  apply_m = lambda method, *a: model.mllm.apply({"params": mllm_params}, *a, method=method)
+  embeds = apply_m(mllm_lib.InternVLModel.embed, cond_ids)
+  if image_tokens is not None:
+    embeds = mllm_lib.merge_image_tokens(
+      embeds, cond_ids, image_tokens.astype(embeds.dtype), model.mllm_config.image_token_id
+    )
+  queries = model.adapter.apply({"params": trainable["adapter"]}, embeds, cond_valid)
+  seq = jnp.concatenate([embeds, queries.astype(embeds.dtype)], axis=1)
+  mask, pos = query_attention(cond_valid, queries.shape[1])
+  hidden = apply_m(mllm_lib.InternVLModel.decode, seq, pos, mask)
+  ctx = model.connector.apply({"params": trainable["connector"]}, hidden[:, -queries.shape[1] :])
+  return ctx, jnp.mean(ctx.astype(jnp.float32), axis=1).astype(ctx.dtype)
+
+
+def velocity(
+  model: IOMM,
+  generator_params: Any,
+  x_t: jax.Array,
+  t: jax.Array,
+  ctx: jax.Array,
+  pooled: jax.Array,
+) -> jax.Array:
+  """Predicted velocity for latents x_t [B, h, w, c] at times t [B]; returns [B, h, w, c] f32."""
+  b, h, w, _ = x_t.shape
+  p = model.generator.config.latent_patch
+  out = model.generator.apply(
+    {"params": generator_params},
+    mmdit_lib.pack_latents(x_t, p),
+    mmdit_lib.image_ids(b, h // p, w // p),
+    ctx,
+    mmdit_lib.text_ids(b, ctx.shape[1]),
+    pooled,
+    t,
+  )
+  return mmdit_lib.unpack_latents(out.astype(jnp.float32), h, w, p)

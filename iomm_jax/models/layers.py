@@ -1,0 +1,295 @@
+"""Shared Flax Linen building blocks: dense layers with logical axes, norms, RoPE, attention.
+
+Every parameter created here carries logical axis names (``nn.with_logical_partitioning``) so
+that a mesh and a rule table (``config.sharding.logical_axis_rules``) can place it later.
+
+Logical axis names (one vocabulary for the whole project, see ``LOGICAL_AXES``):
+  batch, length, embed (model width), mlp (feed-forward width), heads (query heads x head dim,
+  joined), kv_heads (key/value heads x head dim, joined), kv (one head's dim), vocab, norm (a norm
+  scale or bias), queries (learned query tokens), modulation (adaLN outputs), conv_h, conv_w,
+  conv_in, conv_out (convolution kernels), patch (patchified pixels/latents), pos (position tables),
+  cond (an input-condition width such as pooled or timestep features).
+
+Einsum alphabet: B batch, L/S tokens (query/key side), N query heads, K kv heads, H head dim,
+D width, F MLP width.
+
+Dense kernels are stored as (in, out), i.e. the transpose of a PyTorch ``nn.Linear.weight``; a
+checkpoint converter only transposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+LOGICAL_AXES = (
+  "batch",
+  "length",
+  "embed",
+  "mlp",
+  "heads",
+  "kv_heads",
+  "kv",
+  "vocab",
+  "norm",
+  "queries",
+  "modulation",
+  "conv_h",
+  "conv_w",
+  "conv_in",
+  "conv_out",
+  "patch",
+  "pos",
+  "cond",
+)
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so that the parameter it makes carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+  """A linear layer ``y = x @ kernel + bias`` whose kernel (in, out) has logical axis names.
+
+  Attributes:
+    features: output width.
+    axes: logical names of the kernel's (in, out) axes; the bias takes ``axes[1]``.
+  """
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+      "kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
+    )
+    y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param(
+        "bias", logical(self.bias_init, self.axes[1:]), (self.features,), self.param_dtype
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation over the last axis, computed in float32 (Qwen2, FLUX QK-norm)."""
+
+  eps: float = 1e-6
+  use_scale: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.use_scale:
+      scale = self.param(
+        "scale",
+        logical(nn.initializers.ones_init(), (self.axis_name,)),
+        (x.shape[-1],),
+        self.param_dtype,
+      )
+      y = y * scale.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """Layer normalisation over the last axis in float32, with optional affine parameters."""
+
+  eps: float = 1e-6
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.use_scale:
+      scale = self.param(
+        "scale", logical(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype
+      )
+      y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param(
+        "bias", logical(nn.initializers.zeros_init(), ("norm",)), (x.shape[-1],), self.param_dtype
+      )
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Parameter-free layer norm in float32 (FLUX's elementwise_affine=False norms)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_half(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (Qwen2 / Llama).
+
+  Args:
+    x: [B, L, N, H] queries or keys.
+    positions: [B, L] integer positions.
+    theta: RoPE base.
+  Returns:
+    [B, L, N, H] rotated, in x's dtype (angles computed in float32).
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(ang) + rotated * jnp.sin(ang)).astype(x.dtype)
+
+
+def rope_axes_freqs(ids: jax.Array, axes_dim: Sequence[int], theta: float) -> jax.Array:
+  """Per-axis rotary angles for multi-axis positions (FLUX's 3-axis RoPE).
+
+  Args:
+    ids: [B, L, A] float or int positions, one column per axis.
+    axes_dim: head-dim share of each axis (sums to H, each even).
+    theta: RoPE base.
+  Returns:
+    [B, L, H/2] angles, float32; pair i rotates head dims (2i, 2i+1).
+  """
+  angs = []
+  for a, dim in enumerate(axes_dim):
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angs.append(ids[..., a].astype(jnp.float32)[..., None] * inv_freq)
+  return jnp.concatenate(angs, axis=-1)
+
+
+def rope_interleaved(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotary embedding on adjacent pairs (x[2i], x[2i+1]) (FLUX layout).
+
+  Args:
+    x: [B, L, N, H].
+    angles: [B, L, H/2] from ``rope_axes_freqs``.
+  """
+  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x0, x1 = x32[..., 0], x32[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+  """Multi-head attention with grouped key/value heads; softmax in float32.
+
+  Args:
+    q: [B, L, N, H] queries.
+    k: [B, S, K, H] keys, N divisible by K (K < N is grouped-query attention).
+    v: [B, S, K, H] values.
+    mask: boolean, broadcastable to [B, N, L, S]; True = attend. A query row with no allowed
+      key returns zeros rather than NaN.
+  Returns:
+    [B, L, N, H] in q's dtype.
+  """
+  b, l, n, h = q.shape
+  kh = k.shape[2]
+  if n % kh:
+    raise ValueError(f"query heads {n} not divisible by kv heads {kh}")
+  qg = q.reshape(b, l, kh, n // kh, h)
+  logits = jnp.einsum("blkgh,bskh->bkgls", qg, k, preferred_element_type=jnp.float32) * (h**-0.5)
+  if mask is not None:
+    m = jnp.broadcast_to(mask, (b, n, l, k.shape[1])).reshape(b, kh, n // kh, l, k.shape[1])
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    probs = jnp.where(m, probs, 0.0)
+  out = jnp.einsum("bkgls,bskh->blkgh", probs.astype(v.dtype), v)
+  return out.reshape(b, l, n, h)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(
+  t: jax.Array,
+  dim: int,
+  flip_sin_to_cos: bool = True,
+  downscale_freq_shift: float = 0.0,
+  max_period: float = 10000.0,
+) -> jax.Array:
+  """Sinusoidal timestep features in float32 (DDPM / diffusers ``get_timestep_embedding``).
+
+  Frequency i of ``dim // 2`` is ``exp(-ln(max_period) * i / (dim // 2 - downscale_freq_shift))``.
+
+  Args:
+    t: [B] (possibly fractional) timesteps, already scaled (FLUX feeds ``1000 * t``).
+    dim: output width; an odd width gets one zero column at the end.
+    flip_sin_to_cos: order ``[cos, sin]`` if True (FLUX, SD3), else ``[sin, cos]``.
+    downscale_freq_shift: shift of the frequency denominator (0 in FLUX, 1 in DDPM).
+    max_period: longest period.
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  exponent = -jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation (FLUX feed-forwards, the adapter MLP)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU (InternViT MLP, the InternVL projector)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
+  return int(sum(int(jnp.size(x)) if not hasattr(x, "size") else int(x.size) for x in leaves))
+
+
+def logical_axes_tree(boxed: Any) -> Any:
+  """Logical axis names of each parameter in a boxed tree (``None`` for an unnamed leaf)."""
+  return jax.tree_util.tree_map(
+    lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+  )

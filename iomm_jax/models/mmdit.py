@@ -1,0 +1,574 @@
+"""The generator: a FLUX-style MM-DiT, a Flax Linen re-implementation of diffusers'
+``FluxTransformer2DModel`` with the same architecture and the same parameter layout.
+
+Architecture (paper.md §2.5: "MM-DiT ... as implemented in FLUX"):
+  * ``time_text_embed``: 256 sinusoidal features of ``1000 * t`` ([cos, sin], shift 0) -> MLP
+    (``timestep_embedder``) plus an MLP of the pooled condition (``text_embedder``), and with
+    ``guidance_embeds`` a third MLP of ``1000 * guidance``; the sum is ``temb`` [B, D].
+  * ``x_embedder`` / ``context_embedder``: linear maps of packed latent tokens / condition tokens.
+  * ``transformer_blocks_i`` (double stream): separate adaLN-Zero, QKV (with RMS QK-norm), output
+    projection and GELU-tanh MLP per stream; one joint attention over ``[context; image]``.
+  * ``single_transformer_blocks_i``: one stream over ``[context; image]``; adaLN-Zero-single,
+    parallel attention and MLP, one output projection of ``concat(attn, mlp)``, gated residual.
+  * ``norm_out`` (adaLN-continuous, chunk order *scale, shift*) and ``proj_out``.
+  * RoPE: 3-axis (``axes_dims_rope``, theta 10000) on ``[txt_ids; img_ids]``, rotating adjacent
+    pairs (x[2i], x[2i+1]) of queries and keys after QK-norm.
+
+Name map to diffusers state-dict keys (deterministic, see ``to_diffusers_key``):
+  * join the Flax path with ``.``;
+  * a path segment ``<list>_<i>`` whose ``<list>`` is one of the torch ``ModuleList`` names
+    ``transformer_blocks``, ``single_transformer_blocks``, ``to_out``, ``net`` becomes
+    ``<list>.<i>``; every other segment is kept verbatim (``linear_1`` stays ``linear_1``);
+  * leaf ``kernel`` -> ``weight`` *transposed* ((in, out) here, (out, in) in torch); ``bias`` ->
+    ``bias``; RMSNorm ``scale`` -> ``weight``.
+  e.g. (Flax -> diffusers)
+    ``transformer_blocks_0/attn/to_out_0/kernel`` -> ``transformer_blocks.0.attn.to_out.0.weight``
+    ``transformer_blocks_3/ff/net_0/proj/bias`` -> ``transformer_blocks.3.ff.net.0.proj.bias``
+    ``time_text_embed/timestep_embedder/linear_1/kernel``
+      -> ``time_text_embed.timestep_embedder.linear_1.weight``
+    ``single_transformer_blocks_7/attn/norm_q/scale``
+      -> ``single_transformer_blocks.7.attn.norm_q.weight``
+  Parameter-free norms (``norm2``, ``norm2_context``, the LayerNorms inside adaLN) have no keys.
+
+Precision: matmuls in ``dtype``; norms, softmax, RoPE, timestep features, modulation and the
+residual streams in float32; the output is float32.
+
+Alphabet: B batch, L tokens (Lt condition, Li image), N heads, H head dim, D width, F MLP width,
+C latent channels, P packed patch features (C * p * p).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from iomm_jax.models import layers
+from iomm_jax.models.layers import Dense, Dtype
+
+ROPE_THETA = 10000.0  # FluxPosEmbed(theta=10000), fixed in diffusers
+TIMESTEP_FEATURES = 256  # Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+TIMESTEP_SCALE = 1000.0  # diffusers multiplies t in [0, 1] (and guidance) by 1000
+NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MMDiTConfig:
+  """MM-DiT size; fields (and defaults: FLUX.1) mirror diffusers' ``FluxTransformer2DModel``.
+
+  ``latent_patch`` is ours: the 2x2 packing of latents into tokens that happens outside the
+  model (``pack_latents``), so ``in_channels`` = latent channels * latent_patch**2 and diffusers'
+  own ``patch_size`` stays 1.
+  """
+
+  patch_size: int = 1
+  in_channels: int = 64
+  out_channels: int | None = None
+  num_layers: int = 19
+  num_single_layers: int = 38
+  attention_head_dim: int = 128
+  num_attention_heads: int = 24
+  joint_attention_dim: int = 4096
+  pooled_projection_dim: int = 768
+  guidance_embeds: bool = False
+  axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+  latent_patch: int = 2
+  mlp_ratio: float = 4.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+    for name in (
+      "patch_size",
+      "in_channels",
+      "attention_head_dim",
+      "num_attention_heads",
+      "joint_attention_dim",
+      "pooled_projection_dim",
+      "latent_patch",
+    ):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"MMDiTConfig.{name} must be positive, got {getattr(self, name)}")
+    for name in ("num_layers", "num_single_layers"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"MMDiTConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.out_channels is not None and self.out_channels <= 0:
+      raise ValueError(
+        f"MMDiTConfig.out_channels must be positive or None, got {self.out_channels}"
+      )
+    if self.mlp_ratio <= 0:
+      raise ValueError(f"MMDiTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+    axes = self.axes_dims_rope
+    if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes):
+      raise ValueError(
+        f"MMDiTConfig.axes_dims_rope must be 3 positive even sizes (one per id axis), got {axes}"
+      )
+    if sum(axes) != self.attention_head_dim:
+      raise ValueError(
+        f"MMDiTConfig.axes_dims_rope {axes} sums to {sum(axes)}, but must equal "
+        f"attention_head_dim={self.attention_head_dim}"
+      )
+    if self.in_channels % (self.latent_patch**2):
+      raise ValueError(
+        f"MMDiTConfig.in_channels={self.in_channels} is not divisible by "
+        f"latent_patch**2={self.latent_patch**2}"
+      )
+
+  @property
+  def inner_dim(self) -> int:
+    """Model width D = heads x head dim."""
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def mlp_dim(self) -> int:
+    """Feed-forward width F (``int(D * mlp_ratio)`` as in diffusers)."""
+    return int(self.inner_dim * self.mlp_ratio)
+
+  @property
+  def out_features(self) -> int:
+    """Width of each output token: ``patch_size**2 * (out_channels or in_channels)``."""
+    return self.patch_size**2 * (self.out_channels or self.in_channels)
+
+
+MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
+  # CPU demo and tests: 16x16x12 pixel "latents" packed 2x2 -> 48 features; width 128 = 4x32.
+  "tiny": MMDiTConfig(
+    in_channels=48,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=128,
+    pooled_projection_dim=128,
+    axes_dims_rope=(8, 12, 12),
+  ),
+  # IOMM-B (paper: 1.6 B): the size of /work/shared/bench/flux_torch_baseline.py B_CONFIG,
+  # 12 double + 16 single blocks, width 1536 = 12x128, condition width 1536 (InternVL3-2B's
+  # LLM width), 16-channel latents packed 2x2 -> 64. 1,601,038,400 parameters.
+  "B": MMDiTConfig(
+    in_channels=64,
+    num_layers=12,
+    num_single_layers=16,
+    attention_head_dim=128,
+    num_attention_heads=12,
+    joint_attention_dim=1536,
+    pooled_projection_dim=1536,
+    axes_dims_rope=(16, 56, 56),
+  ),
+  # IOMM-L (paper: 2.7 B, dims not given): our choice. Width 2048 = 16x128 (FLUX's head dim),
+  # same condition width and latents as B, B's 16 single blocks, and the most double blocks
+  # (11) that stay within 2.7 B +- 0.05 B (12 would give 2.84 B). 2,692,494,912 parameters.
+  "L": MMDiTConfig(
+    in_channels=64,
+    num_layers=11,
+    num_single_layers=16,
+    attention_head_dim=128,
+    num_attention_heads=16,
+    joint_attention_dim=1536,
+    pooled_projection_dim=1536,
+    axes_dims_rope=(16, 56, 56),
+  ),
+}
+
+
+def get_mmdit_config(name: str, **overrides) -> MMDiTConfig:
+  """The named variant of ``MMDIT_VARIANTS``, with fields replaced by ``overrides``."""
+  if name not in MMDIT_VARIANTS:
+    raise ValueError(f"unknown MM-DiT variant {name!r}; known: {sorted(MMDIT_VARIANTS)}")
+  return dataclasses.replace(MMDIT_VARIANTS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- latents and ids
+
+
+def pack_latents(latents: jax.Array, p: int = 2) -> jax.Array:
+  """[B, h, w, C] latents -> [B, (h/p)*(w/p), C*p*p] tokens, features ordered (C, py, px).
+
+  Row-major over patches; the same as diffusers ``FluxPipeline._pack_latents`` on the NCHW
+  tensor.
+  """
+  b, h, w, c = latents.shape
+  if h % p or w % p:
+    raise ValueError(f"latent size {h}x{w} is not divisible by the patch {p}")
+  x = latents.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4)  # [B, h/p, w/p, C, py, px]
+  return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_latents(tokens: jax.Array, h: int, w: int, p: int = 2) -> jax.Array:
+  """Inverse of ``pack_latents``: [B, (h/p)*(w/p), C*p*p] -> [B, h, w, C] (h, w in latents)."""
+  b, n, f = tokens.shape
+  if n != (h // p) * (w // p) or f % (p * p):
+    raise ValueError(f"tokens {tokens.shape} do not fit a {h}x{w} latent with patch {p}")
+  x = tokens.reshape(b, h // p, w // p, f // (p * p), p, p)
+  x = x.transpose(0, 1, 4, 2, 5, 3)  # [B, h/p, py, w/p, px, C]
+  return x.reshape(b, h, w, f // (p * p))
+
+
+def image_ids(batch: int, hp: int, wp: int) -> jax.Array:
+  """[B, hp*wp, 3] float32 RoPE ids of packed image tokens: (0, row, col), row-major."""
+  rows, cols = jnp.meshgrid(jnp.arange(hp), jnp.arange(wp), indexing="ij")
+  ids = jnp.stack([jnp.zeros_like(rows), rows, cols], axis=-1).reshape(hp * wp, 3)
+  return jnp.broadcast_to(ids.astype(jnp.float32), (batch, hp * wp, 3))
+
+
+def text_ids(batch: int, length: int) -> jax.Array:
+  """[B, L, 3] float32 zeros: condition tokens carry no position (as in FLUX)."""
+  return jnp.zeros((batch, length, 3), jnp.float32)
+
+
+_TORCH_LISTS = ("transformer_blocks", "single_transformer_blocks", "to_out", "net")
+_LIST_SEGMENT = re.compile(rf"^({'|'.join(_TORCH_LISTS)})_(\d+)$")
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def to_diffusers_key(path: Sequence[str]) -> str:
+  """The diffusers state-dict key of a Flax parameter path (kernels are transposed there)."""
+  *mods, leaf = path
+  mods = [_LIST_SEGMENT.sub(r"\1.\2", m) for m in mods]
+  return ".".join([*mods, _LEAF_NAMES[leaf]])
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class TimestepEmbedding(nn.Module):
+  """Two-layer SiLU MLP ``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding`` and
+  ``PixArtAlphaTextProjection(act_fn="silu")`` share this layout). [B, cond] -> [B, D] float32."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.features, ("cond", "embed"), name="linear_1", **kw)(x)
+    h = nn.silu(h.astype(jnp.float32))
+    return Dense(self.features, ("mlp", "embed"), name="linear_2", **kw)(h).astype(jnp.float32)
+
+
+class CombinedTimestepTextProjEmbeddings(nn.Module):
+  """``temb`` [B, D] float32 from timestep [B] (in [0, 1]), pooled [B, cond] and, with
+  ``guidance_embeds``, guidance [B] (diffusers ``CombinedTimestep(Guidance)TextProjEmbeddings``)."""
+
+  features: int
+  guidance_embeds: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, timestep: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None
+  ) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    t_proj = layers.timestep_embedding(
+      timestep.astype(jnp.float32) * TIMESTEP_SCALE, TIMESTEP_FEATURES
+    )
+    temb = TimestepEmbedding(self.features, name="timestep_embedder", **kw)(t_proj)
+    if self.guidance_embeds:
+      if guidance is None:
+        raise ValueError("this MM-DiT has guidance_embeds=True: pass `guidance` [B]")
+      g_proj = layers.timestep_embedding(
+        guidance.astype(jnp.float32) * TIMESTEP_SCALE, TIMESTEP_FEATURES
+      )
+      temb = temb + TimestepEmbedding(self.features, name="guidance_embedder", **kw)(g_proj)
+    elif guidance is not None:
+      raise ValueError("`guidance` given but the MM-DiT config has guidance_embeds=False")
+    return temb + TimestepEmbedding(self.features, name="text_embedder", **kw)(pooled)
+
+
+# ----------------------------------------------------------------------------- adaptive norms
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """Parameter-free LayerNorm (eps 1e-6) of x [B, L, D], then ``* (1 + scale) + shift`` (f32)."""
+  x = layers.layer_norm(x.astype(jnp.float32), NORM_EPS)
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _modulation(
+  temb: jax.Array, chunks: int, width: int, dtype: Dtype, param_dtype: Dtype
+) -> list[jax.Array]:
+  """``linear(SiLU(temb))`` split into ``chunks`` float32 [B, D] vectors.
+
+  Call it inside a compact adaLN module: the Dense it makes is that module's ``linear``.
+  """
+  emb = Dense(
+    chunks * width, ("embed", "modulation"), name="linear", dtype=dtype, param_dtype=param_dtype
+  )(nn.silu(temb.astype(jnp.float32)))
+  return jnp.split(emb.astype(jnp.float32), chunks, axis=-1)
+
+
+class AdaLayerNormZero(nn.Module):
+  """adaLN-Zero of a double-stream block (param ``linear``, D -> 6D).
+
+  Returns the modulated x [B, L, D] float32 and ``(gate_msa, shift_mlp, scale_mlp, gate_mlp)``,
+  each [B, D]; chunk order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _modulation(
+      temb, 6, x.shape[-1], self.dtype, self.param_dtype
+    )
+    return _modulate(x, shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
+
+
+class AdaLayerNormZeroSingle(nn.Module):
+  """adaLN-Zero of a single-stream block (``linear``, D -> 3D: shift, scale, gate).
+
+  Returns the modulated x [B, L, D] float32 and the gate [B, D].
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shift, scale, gate = _modulation(temb, 3, x.shape[-1], self.dtype, self.param_dtype)
+    return _modulate(x, shift, scale), gate
+
+
+class AdaLayerNormContinuous(nn.Module):
+  """Final adaptive norm (``linear``, D -> 2D), chunk order **scale, shift**; [B, L, D] f32."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    scale, shift = _modulation(temb, 2, x.shape[-1], self.dtype, self.param_dtype)
+    return _modulate(x, shift, scale)
+
+
+# ----------------------------------------------------------------------------- attention and MLP
+
+
+def _qkv(
+  x: jax.Array,
+  names: Sequence[str],
+  num_heads: int,
+  head_dim: int,
+  dtype: Dtype,
+  param_dtype: Dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v [B, L, N, H] from x [B, L, D], with RMS QK-norm (eps 1e-6) over H.
+
+  ``names`` = (q, k, v, q-norm, k-norm) submodule names, created in the calling compact module.
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  split = lambda t: t.reshape(*t.shape[:2], num_heads, head_dim)
+  q, k, v = (
+    split(Dense(num_heads * head_dim, ("embed", "heads"), name=n, **kw)(x)) for n in names[:3]
+  )
+  q = layers.RMSNorm(NORM_EPS, name=names[3], **kw)(q)
+  k = layers.RMSNorm(NORM_EPS, name=names[4], **kw)(k)
+  return q, k, v
+
+
+class FluxAttention(nn.Module):
+  """FLUX attention with RoPE (diffusers ``FluxAttention`` + ``FluxAttnProcessor``).
+
+  With ``ctx`` (double stream): joint attention over ``[ctx; x]`` (condition first) with the
+  ``add_*`` projections and ``norm_added_*`` for ctx; returns ``(to_out_0(x part),
+  to_add_out(ctx part))``, each [B, L*, D]. Without ``ctx`` (single stream, ``pre_only``):
+  self-attention over x, returned as [B, L, N*H] with no output projection.
+  ``angles`` [B, Lt + Li, H/2] (or [B, L, H/2]) from ``layers.rope_axes_freqs``.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, angles: jax.Array, ctx: jax.Array | None = None
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = (self.num_heads, self.head_dim, self.dtype, self.param_dtype)
+    q, k, v = _qkv(x, ("to_q", "to_k", "to_v", "norm_q", "norm_k"), *heads)
+    lt = 0
+    if ctx is not None:
+      names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+      cq, ck, cv = _qkv(ctx, names, *heads)
+      lt = ctx.shape[1]
+      q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
+    q = layers.rope_interleaved(q, angles)
+    k = layers.rope_interleaved(k, angles)
+    out = layers.dot_product_attention(q, k, v)
+    out = out.reshape(*out.shape[:2], -1)  # [B, L, N*H]
+    if ctx is None:
+      return out
+    d = x.shape[-1]
+    x_out = Dense(d, ("heads", "embed"), name="to_out_0", **kw)(out[:, lt:])
+    ctx_out = Dense(ctx.shape[-1], ("heads", "embed"), name="to_add_out", **kw)(out[:, :lt])
+    return x_out, ctx_out
+
+
+class GeluProj(nn.Module):
+  """``net.0`` of a diffusers FeedForward: ``proj`` (D -> F) then GELU-tanh."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(
+      self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype
+    )(x)
+    return layers.gelu_tanh(h)
+
+
+class FeedForward(nn.Module):
+  """GELU-tanh MLP [B, L, D] -> [B, L, D]: ``net_0`` (GeluProj, D -> F) then ``net_2`` (F -> D)."""
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = GeluProj(self.mlp_dim, name="net_0", **kw)(x)
+    return Dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class DoubleStreamBlock(nn.Module):
+  """diffusers ``FluxTransformerBlock``: per-stream adaLN-Zero, joint attention, gated residuals,
+  parameter-free LayerNorm (``norm2``) + modulation + MLP, gated residuals.
+
+  x [B, Li, D] and ctx [B, Lt, D] float32 residual streams, temb [B, D], angles
+  [B, Lt + Li, H/2]; returns (ctx, x).
+  """
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, ctx: jax.Array, temb: jax.Array, angles: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    nx, (gate, shift_mlp, scale_mlp, gate_mlp) = AdaLayerNormZero(name="norm1", **kw)(x, temb)
+    nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
+      name="norm1_context", **kw
+    )(ctx, temb)
+    attn_x, attn_c = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(nx, angles, nc)
+    x = x + gate[:, None] * attn_x.astype(jnp.float32)
+    ff = FeedForward(self.mlp_dim, name="ff", **kw)(_modulate(x, shift_mlp, scale_mlp))
+    x = x + gate_mlp[:, None] * ff.astype(jnp.float32)
+    ctx = ctx + c_gate[:, None] * attn_c.astype(jnp.float32)
+    ff_c = FeedForward(self.mlp_dim, name="ff_context", **kw)(
+      _modulate(ctx, c_shift_mlp, c_scale_mlp)
+    )
+    ctx = ctx + c_gate_mlp[:, None] * ff_c.astype(jnp.float32)
+    return ctx, x
+
+
+class SingleStreamBlock(nn.Module):
+  """diffusers ``FluxSingleTransformerBlock`` on the joined stream h = [ctx; x] [B, L, D] f32:
+  ``h + gate * proj_out(concat(attn(n), GELU-tanh(proj_mlp(n))))`` with n = adaLN-Zero-single(h).
+
+  (diffusers joins and splits ctx / x inside every block; joining once outside is the same.)
+  """
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, angles: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, gate = AdaLayerNormZeroSingle(name="norm", **kw)(h, temb)
+    mlp = layers.gelu_tanh(Dense(self.mlp_dim, ("embed", "mlp"), name="proj_mlp", **kw)(n))
+    attn = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(n, angles)
+    out = Dense(h.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(
+      jnp.concatenate([attn, mlp], axis=-1)
+    )
+    return h + gate[:, None] * out.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class MMDiT(nn.Module):
+  """FLUX-style MM-DiT (diffusers ``FluxTransformer2DModel``), predicting per-token outputs.
+
+  Attributes:
+    config: sizes.
+    dtype: matmul dtype (bfloat16 for training); norms, softmax, RoPE, modulation, residuals f32.
+    param_dtype: parameter storage dtype.
+  """
+
+  config: MMDiTConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    img: jax.Array,
+    img_ids: jax.Array,
+    txt: jax.Array,
+    txt_ids: jax.Array,
+    pooled: jax.Array,
+    timestep: jax.Array,
+    guidance: jax.Array | None = None,
+  ) -> jax.Array:
+    """Velocity (or whatever the loss trains) of the image tokens.
+
+    Args:
+      img: [B, Li, in_channels] packed latent tokens (``pack_latents``).
+      img_ids: [B, Li, 3] RoPE ids (``image_ids``).
+      txt: [B, Lt, joint_attention_dim] condition tokens.
+      txt_ids: [B, Lt, 3] RoPE ids (``text_ids``: zeros).
+      pooled: [B, pooled_projection_dim] pooled condition.
+      timestep: [B] float in [0, 1]; t = 1 is pure noise (diffusers' sigmas).
+      guidance: [B] guidance scale; required iff ``config.guidance_embeds``.
+    Returns:
+      [B, Li, out_features] float32.
+    """
+    c = self.config
+    if img.shape[-1] != c.in_channels or txt.shape[-1] != c.joint_attention_dim:
+      raise ValueError(
+        f"img {img.shape} / txt {txt.shape} do not match in_channels="
+        f"{c.in_channels} / joint_attention_dim={c.joint_attention_dim}"
+      )
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    blk = dict(
+      num_heads=c.num_attention_heads, head_dim=c.attention_head_dim, mlp_dim=c.mlp_dim, **kw
+    )
+    d = c.inner_dim
+    temb = CombinedTimestepTextProjEmbeddings(d, c.guidance_embeds, name="time_text_embed", **kw)(
+      timestep, pooled, guidance
+    )
+    x = Dense(d, ("patch", "embed"), name="x_embedder", **kw)(img).astype(jnp.float32)
+    ctx = Dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt).astype(jnp.float32)
+    ids = jnp.concatenate([txt_ids, img_ids], axis=1)  # condition first, as in diffusers
+    angles = layers.rope_axes_freqs(ids, c.axes_dims_rope, ROPE_THETA)  # [B, Lt + Li, H/2]
+    for i in range(c.num_layers):
+      ctx, x = DoubleStreamBlock(name=f"transformer_blocks_{i}", **blk)(x, ctx, temb, angles)
+    lt = ctx.shape[1]
+    h = jnp.concatenate([ctx, x], axis=1)
+    for i in range(c.num_single_layers):
+      h = SingleStreamBlock(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles)
+    x = AdaLayerNormContinuous(name="norm_out", **kw)(h[:, lt:], temb)
+    out = Dense(c.out_features, ("embed", "patch"), name="proj_out", **kw)(x)
+    return out.astype(jnp.float32)

@@ -1,0 +1,27 @@
+"""Stage 2: mixed fine-tuning (paper §3.2): a share lambda of image-only samples as in stage 1,
+the rest text-image pairs conditioned on their captions; initialised from a stage-1 checkpoint.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from iomm_jax import checkpointing
+from iomm_jax.train import context, generator, loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs stage 2 in ``workdir`` (resuming if it has a checkpoint); returns the last metrics."""
+  if config.stage != "finetune":
+    raise ValueError(f"stage-2 loop given config.stage={config.stage!r}")
+  src = config.train.init_from
+  loop.prepare_workdir(config, workdir)  # validates init_from before anything else
+  checkpointing.find_checkpoint_dir(src, "config.train.init_from")
+  checkpointing.check_model_signature(loop.load_workdir_config(src).model.to_dict(), config, src)
+
+  def init_from(boxed):
+    # Stage 2 continues from the stage-1 EMA weights (the ones the paper evaluates).
+    return context.restore_params(src, boxed, which="ema")
+
+  run = generator.setup(config, workdir, init_from=init_from, sample_kind="text")
+  return loop.run(run)

@@ -1,0 +1,114 @@
+"""Library functions of the generator stages (1: image-only pre-training, 2: mixed fine-tune)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from iomm_jax import checkpointing, generate, metrics
+from iomm_jax.data import pipeline, shapes
+from iomm_jax.models import iomm
+from iomm_jax.train import context, loop, steps
+
+
+def setup(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  init_from: Callable[[Any], Any] | None = None,
+  sample_kind: str = "text",
+) -> loop.Run:
+  """Everything the step loop needs for a generator stage, restored or initialised."""
+  loop.prepare_workdir(config, workdir)
+  ctx = context.build(config, workdir)
+  data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
+  null_ids, null_valid = ctx.conditioner.null_condition()
+  loss_fn = steps.generator_loss_fn(
+    ctx.model, config, jnp.asarray(null_ids), jnp.asarray(null_valid)
+  )
+  optimizer, train_step = loop.make_jitted_step(loss_fn, config, config.train.num_steps)
+  boxed = iomm.init_trainable(ctx.model, jax.random.key(config.seed), ctx.conditioner.cond_len)
+  state, ckpt, start = loop.restore_or_init(
+    config,
+    workdir,
+    boxed,
+    optimizer,
+    data_iter,
+    init_from=None if init_from is None else lambda p: init_from(boxed),
+  )
+  meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
+  return loop.Run(
+    config,
+    workdir,
+    state,
+    ctx.frozen,
+    data_iter,
+    train_step,
+    ckpt,
+    meta,
+    sample_fn=lambda s: sample_grid(ctx, config, s, sample_kind),
+    start_step=start,
+  )
+
+
+def grid_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """``config.sample.num_grid`` held-out evaluation prompts, spread over the categories."""
+  metas = shapes.eval_prompts(pipeline.world_from_config(config))
+  by_cat: dict[str, list[str]] = {}
+  for m in metas:
+    by_cat.setdefault(m["tag"], []).append(m["prompt"])
+  cats = sorted(by_cat)
+  return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(config.sample.num_grid)]
+
+
+def sample_grid(
+  ctx: context.GenerationContext,
+  config: ml_collections.ConfigDict,
+  state: steps.TrainState,
+  kind: str,
+) -> np.ndarray:
+  """A PNG-ready grid: one row per held-out prompt ("text"), or, for "image", each row a source
+  image followed by generations from its masked self-condition."""
+  s = config.sample
+  params = state.ema if s.use_ema else state.params
+  null_ids, null_valid = ctx.conditioner.null_condition()
+  kw = dict(num_steps=s.num_steps, solver=s.solver, cfg_scale=s.cfg_scale, shift=s.shift)
+  rng = jax.random.key(config.seed + 99)
+  if kind == "text":
+    prompts = [p for p in grid_prompts(config) for _ in range(s.per_prompt)]
+    ids, valid = ctx.conditioner.text_conditions(prompts)
+    imgs = generate.generate(
+      ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid, rng, **kw
+    )
+    return metrics.image_grid(imgs, rows=s.num_grid)
+  world = pipeline.world_from_config(config)
+  src = np.stack(
+    [
+      shapes.render(shapes.sample_scene(np.random.default_rng((7, i)), world), world)
+      for i in range(s.num_grid)
+    ]
+  )
+  cond = np.repeat(src, s.per_prompt, axis=0)
+  ids, valid = ctx.conditioner.image_condition()
+  ids, valid = np.tile(ids, (len(cond), 1)), np.tile(valid, (len(cond), 1))
+  imgs = generate.generate(
+    ctx.model,
+    params,
+    ctx.frozen,
+    ids,
+    valid,
+    null_ids,
+    null_valid,
+    rng,
+    images=cond,
+    mask_ratio=config.diffusion.mask_ratio,
+    **kw,
+  )
+  rows = np.concatenate(
+    [src[:, None], imgs.reshape(s.num_grid, s.per_prompt, *imgs.shape[1:])], axis=1
+  )
+  return metrics.image_grid(rows.reshape(-1, *imgs.shape[1:]), rows=s.num_grid)
