@@ -17,6 +17,19 @@ import numpy as np
 from PIL import Image
 
 
+def _tensorboard_writer(workdir: str):
+  """clu's TensorBoard writer under ``<workdir>/tensorboard``, or None (with a warning) where
+  TensorFlow, which clu.metric_writers imports, is not installed."""
+  try:
+    from clu import metric_writers  # imports TensorFlow: only when writing event files
+  except ImportError as e:
+    print(f"TensorBoard events disabled ({e}); metrics.jsonl is still written", file=sys.stderr)
+    return None
+  return metric_writers.create_default_writer(
+    os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True
+  )
+
+
 class MetricsLogger:
   """Writes scalars to metrics.jsonl + TensorBoard and prints a progress line with ETA."""
 
@@ -34,11 +47,7 @@ class MetricsLogger:
     if self.is_main:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from clu import metric_writers  # imports TensorFlow: only when writing event files
-
-        self._writer = metric_writers.create_default_writer(
-          os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True
-        )
+        self._writer = _tensorboard_writer(workdir)
 
   def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
     """Records ``metrics`` (device or host scalars) at ``step``; returns the host values."""

@@ -10,7 +10,7 @@ from iomm_jax.configs.shapes import shapes_model
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, quick=False, steps=600)
+  a = parse_arg(arg, quick=False, steps=300)
   c = shapes_model(get_base_config())
   c.stage = "mllm"
   c.train.batch_size = 32

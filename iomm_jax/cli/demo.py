@@ -19,8 +19,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 import iomm_jax
-from iomm_jax import checkpointing
-from iomm_jax.cli import sample as sample_cli
+from iomm_jax import checkpointing, inference, metrics, runtime
 from iomm_jax.configs import loading
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector
@@ -60,17 +59,61 @@ def labelled_grid(
   return np.asarray(canvas)
 
 
+def stage_summary(workdir: str) -> dict[str, float]:
+  """Steps, first and last logged loss, and mean training speed of a stage's metrics.jsonl."""
+  recs = metrics.read_metrics(workdir)
+  speeds = [r["steps_per_s"] for r in recs[1:]]  # the first record includes compilation
+  return {
+    "steps": recs[-1]["step"],
+    "first_loss": recs[0]["loss"],
+    "last_loss": recs[-1]["loss"],
+    "steps_per_s": float(np.mean(speeds)) if speeds else float("nan"),
+  }
+
+
+def markdown_report(report: dict) -> str:
+  """The demo's results as the markdown tables of docs/RESULTS.md."""
+  lines = [
+    "| stage | steps | first loss | last loss | steps/s | wall (s) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for k, st in report["stages"].items():
+    lines.append(
+      f"| {k} | {st['steps']} | {st['first_loss']:.4f} | {st['last_loss']:.4f} | "
+      f"{st['steps_per_s']:.2f} | {report['wall_s'][k]:.0f} |"
+    )
+  cats = sorted(next(iter(report["scores"].values()))["categories"])
+  lines += ["", "| model | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
+  for name, sc in report["scores"].items():
+    lines.append(
+      f"| {name} | "
+      + " | ".join(f"{sc['categories'][c]:.2f}" for c in cats)
+      + f" | {sc['overall']:.3f} |"
+    )
+  return "\n".join(lines)
+
+
 def evaluate(workdir: str, per_category: int, seed: int = 0) -> dict:
-  """Detector scores (per category, overall) of a generator workdir on held-out prompts."""
-  config, ctx, params = sample_cli.load_generator(workdir)
+  """Detector scores of a generator workdir on the held-out prompts: ``per_category`` images
+  per GenEval category (its prompts repeated with fresh noise); GenEval's JSON layout."""
+  config, ctx, params = inference.load_generator(workdir)
   world = pipeline.world_from_config(config)
-  metas = shapes.eval_prompts(world, per_category=per_category)
-  imgs = sample_cli.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], seed)
-  return shapes_detector.score_batch(imgs, metas, world)
+  by_tag: dict[str, list[dict]] = {}
+  for m in shapes.eval_prompts(world, per_category=None):
+    by_tag.setdefault(m["tag"], []).append(m)
+  metas = [ms[i % len(ms)] for ms in by_tag.values() for i in range(per_category)]
+  imgs = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], seed)
+  raw = shapes_detector.score_batch(imgs, metas, world)
+  return {
+    "overall": raw["overall"],
+    "num_images": len(metas),
+    "categories": {t: raw[t] for t in by_tag},
+  }
 
 
 def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  runtime.enable_compilation_cache()
   del argv
   t0 = time.time()
   root, quick = _WORKDIR.value, _QUICK.value
@@ -92,22 +135,25 @@ def _main(argv):
     timings[name] = time.time() - s
 
   s = time.time()
-  config, ctx, params = sample_cli.load_generator(dirs["finetune"])
+  config, ctx, params = inference.load_generator(dirs["finetune"])
   per_row = config.sample.per_prompt
   prompts = [p for p in generator.grid_prompts(config) for _ in range(per_row)]
-  imgs = sample_cli.sample_prompts(config, ctx, params, prompts, seed=1)
+  imgs = inference.sample_prompts(config, ctx, params, prompts, seed=1)
   grid_path = os.path.join(root, "samples.png")
   Image.fromarray(labelled_grid(imgs, prompts, per_row)).save(grid_path)
   per_cat = 2 if quick else _EVAL_PER_CATEGORY.value
   scores = {name: evaluate(dirs[name], per_cat) for name in ("pretrain", "finetune")}
   timings["sample_and_eval"] = time.time() - s
   timings["total"] = time.time() - t0
-  report = {"scores": scores, "wall_s": timings, "grid": grid_path}
+  report = {
+    "scores": scores,
+    "wall_s": timings,
+    "grid": grid_path,
+    "stages": {k: stage_summary(d) for k, d in dirs.items()},
+  }
   checkpointing.save_json(os.path.join(root, "demo_eval.json"), report)
   print(f"wrote {grid_path}")
-  for name, sc in scores.items():
-    cats = " ".join(f"{k}={v:.2f}" for k, v in sorted(sc["categories"].items()))
-    print(f"{name:9s} overall={sc['overall']:.3f} {cats}")
+  print(markdown_report(report))
   print(
     f"demo wall time {timings['total']:.0f} s  "
     + json.dumps({k: round(v) for k, v in timings.items()})

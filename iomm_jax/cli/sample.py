@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from iomm_jax import generate, metrics
-from iomm_jax.models import iomm
-from iomm_jax.train import context, loop
+from iomm_jax import inference, metrics, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _PROMPT = flags.DEFINE_string("prompt", None, "text prompt")
@@ -26,56 +23,12 @@ _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver")
 _EMA = flags.DEFINE_bool("ema", True, "use the EMA parameters")
 
 
-def load_generator(workdir: str, use_ema: bool = True):
-  """(config, GenerationContext, trainable params) of a trained generator workdir."""
-  config = loop.load_workdir_config(workdir)
-  if config.stage not in ("pretrain", "finetune"):
-    raise ValueError(
-      f"{workdir!r} is a {config.stage!r} run; sample from a stage-1 or stage-2 workdir"
-    )
-  ctx = context.build(config)
-  boxed = jax.eval_shape(
-    lambda: iomm.init_trainable(ctx.model, jax.random.key(0), ctx.conditioner.cond_len)
-  )
-  params = context.restore_params(workdir, boxed, which="ema" if use_ema else "params")
-  return config, ctx, params
-
-
-def sample_prompts(
-  config,
-  ctx,
-  params,
-  prompts: list[str],
-  seed: int,
-  steps: int | None = None,
-  cfg: float | None = None,
-  solver: str | None = None,
-) -> np.ndarray:
-  """uint8 [len(prompts), H, W, 3] images, one per prompt."""
-  s = config.sample
-  ids, valid = ctx.conditioner.text_conditions(prompts)
-  null_ids, null_valid = ctx.conditioner.null_condition()
-  return generate.generate(
-    ctx.model,
-    params,
-    ctx.frozen,
-    ids,
-    valid,
-    null_ids,
-    null_valid,
-    jax.random.key(seed),
-    num_steps=steps or s.num_steps,
-    solver=solver or s.solver,
-    cfg_scale=s.cfg_scale if cfg is None else cfg,
-    shift=s.shift,
-  )
-
-
 def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  runtime.enable_compilation_cache()
   del argv
-  config, ctx, params = load_generator(_WORKDIR.value, _EMA.value)
-  imgs = sample_prompts(
+  config, ctx, params = inference.load_generator(_WORKDIR.value, _EMA.value)
+  imgs = inference.sample_prompts(
     config,
     ctx,
     params,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from iomm_jax import runtime
 from iomm_jax.train import finetune, mllm, pretrain
 
 LOOPS = {
@@ -24,6 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 
 def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  runtime.enable_compilation_cache()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

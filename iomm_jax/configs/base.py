@@ -50,7 +50,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.num_pairs = 2000  # stage 2: size of the fixed curated text-image pair set
   d.image_only_source = "pairs"  # stage 2 image-only half: "pairs" (captions dropped) or "stream"
   d.num_workers = 0  # grain worker processes (0 = in the training process)
-  d.prefetch = 2  # grain per-worker buffer size
+  d.read_threads = 1  # grain threads reading (rendering) batches in the training process
+  d.prefetch = 4  # batches read ahead (per thread, and per worker process)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.mask_ratio = 0.85  # r: share of condition image tokens zeroed (paper: 0.85 for B/L)

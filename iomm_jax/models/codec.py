@@ -119,7 +119,7 @@ class VAEConfig:
 VAE_VARIANTS: dict[str, VAEConfig] = {
   # FLUX.1 [dev/schnell] ae: diffusers AutoencoderKL config of black-forest-labs/FLUX.1-dev.
   "flux": VAEConfig(),
-  # For tests: 2x downsampling, a few thousand parameters.
+  # For tests: 2x downsampling, 43,619 parameters.
   "tiny": VAEConfig(
     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4
   ),
@@ -592,12 +592,17 @@ class VAECodec:
     self.downsample = self.config.downsample
 
   def init_params(self, rng: jax.Array, image_size: int | Sequence[int]) -> Params:
-    """Random-init params. They do not depend on the image size, which is only validated; the
-    trace uses the smallest valid size."""
+    """Random-init params (unboxed "params" collection), initialised under one ``jax.jit``.
+
+    The parameters do not depend on the image size, which is only validated; the trace uses the
+    smallest valid size. For the logical axis names use ``jax.eval_shape(self.module.init, ...)``.
+    (On CPU, compiling threefry initialisers is slow; an ``impl="rbg"`` key is several times
+    cheaper to compile.)
+    """
     _check_hw("VAECodec", *_hw(image_size), self.downsample)
     f = self.downsample
     x = jnp.zeros((1, f, f, self.config.in_channels), jnp.float32)
-    return nn.meta.unbox(self.module.init(rng, x)["params"])
+    return nn.meta.unbox(jax.jit(self.module.init)(rng, x)["params"])
 
   def encode(self, params: Params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     mean, logvar = self.module.apply({"params": params}, images, method=AutoencoderKL.encode)

@@ -141,9 +141,15 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, image_token_id: in
 # ----------------------------------------------------------------------------- initialisation
 
 
-def init_trainable(model: IOMM, rng: jax.Array, cond_len: int) -> dict[str, Any]:
+def init_key(seed: int) -> jax.Array:
+  """PRNG key for parameter initialisation. The "rbg" generator compiles ~4x faster than
+  threefry on XLA's CPU backend, which matters for the many parameter shapes of an init."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def init_trainable(model: IOMM, seed: int, cond_len: int) -> dict[str, Any]:
   """Boxed (logically annotated) parameters of the adapter, connector and generator."""
-  r_a, r_c, r_g = jax.random.split(rng, 3)
+  r_a, r_c, r_g = jax.random.split(init_key(seed), 3)
   d = model.mllm_config.text.width
   embeds = jnp.zeros((1, cond_len, d), jnp.float32)
   valid = jnp.ones((1, cond_len), bool)
@@ -166,11 +172,12 @@ def init_trainable(model: IOMM, rng: jax.Array, cond_len: int) -> dict[str, Any]
   }
 
 
-def init_mllm(model: IOMM, rng: jax.Array) -> Any:
+def init_mllm(model: IOMM, seed: int) -> Any:
   """Boxed parameters of the whole MLLM (vision tower, projector, decoder, LM head)."""
+  rng = init_key(seed)
   s = model.mllm_config.vision.image_size
   ids = jnp.zeros((1, model.num_image_tokens + 4), jnp.int32)
-  return model.mllm.init(rng, ids, jnp.zeros((1, s, s, 3)))["params"]
+  return jax.jit(model.mllm.init)(rng, ids, jnp.zeros((1, s, s, 3)))["params"]
 
 
 # ----------------------------------------------------------------------------- the forward pass

@@ -22,7 +22,8 @@ from iomm_jax.models import iomm
 from iomm_jax.train import loop, steps
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_VOCAB = 128
+TOKENIZER_VOCAB = 256  # soft limit: the grammar's words and the aux prompt's become whole pieces
+MLLM_SEED = 17  # offset of the MLLM's init seed from config.seed
 
 
 @dataclasses.dataclass
@@ -84,9 +85,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
     if os.path.abspath(tok_path) != os.path.abspath(dst):
       shutil.copyfile(tok_path, dst)
   model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
-  boxed = iomm.init_mllm(model, jax.random.key(config.seed + 17))
-  mllm = restore_params(m.mllm_from, boxed) if m.mllm_init == "checkpoint" else nn.meta.unbox(boxed)
-  codec = model.codec.init_params(jax.random.key(config.seed + 23), model.image_size)
+  if m.mllm_init == "checkpoint":  # only the shapes of an init are needed to restore
+    mllm = restore_params(m.mllm_from, jax.eval_shape(lambda: iomm.init_mllm(model, MLLM_SEED)))
+  else:
+    mllm = nn.meta.unbox(iomm.init_mllm(model, config.seed + MLLM_SEED))
+  codec = model.codec.init_params(iomm.init_key(config.seed + 23), model.image_size)
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, m.aux_prompt, m.max_text_len
   )

@@ -31,14 +31,13 @@ def setup(
     ctx.model, config, jnp.asarray(null_ids), jnp.asarray(null_valid)
   )
   optimizer, train_step = loop.make_jitted_step(loss_fn, config, config.train.num_steps)
-  boxed = iomm.init_trainable(ctx.model, jax.random.key(config.seed), ctx.conditioner.cond_len)
   state, ckpt, start = loop.restore_or_init(
     config,
     workdir,
-    boxed,
+    lambda: iomm.init_trainable(ctx.model, config.seed, ctx.conditioner.cond_len),
     optimizer,
     data_iter,
-    init_from=None if init_from is None else lambda p: init_from(boxed),
+    init_from=init_from,
   )
   meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
   return loop.Run(

@@ -60,7 +60,7 @@ class Run:
 def restore_or_init(
   config: ml_collections.ConfigDict,
   workdir: str,
-  boxed_params: Any,
+  init_fn: Callable[[], Any],
   optimizer,
   data_iter: Any,
   init_from: Callable[[Any], Any] | None = None,
@@ -68,22 +68,24 @@ def restore_or_init(
   """Resume ``workdir`` > initialise from an earlier stage (``init_from``) > fresh.
 
   Args:
-    boxed_params: freshly initialised (logically annotated) trainable parameters.
-    init_from: maps fresh unboxed params to those loaded from an earlier stage.
+    init_fn: returns freshly initialised, boxed (logically annotated) trainable parameters;
+      only called for a fresh start (otherwise only its shapes are traced).
+    init_from: maps the abstract boxed parameters to those loaded from an earlier stage.
   Returns:
     state, the workdir's checkpointer and the step to start from.
   """
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  params = nn.meta.unbox(boxed_params)
   latest = ckpt.latest_step()
   if latest is not None:
     checkpointing.check_model_signature(ckpt.read_meta(latest)["model"], config, workdir)
-    template = steps.create_state(params, optimizer)
-    state, _ = ckpt.restore(jax.tree_util.tree_map(_abstract, template), data_iter, latest)
+    abstract = jax.eval_shape(lambda: steps.create_state(nn.meta.unbox(init_fn()), optimizer))
+    state, _ = ckpt.restore(jax.tree_util.tree_map(_abstract, abstract), data_iter, latest)
     print(f"resuming {workdir} at step {int(state.step)}", flush=True)
     return state, ckpt, int(state.step)
   if init_from is not None:
-    params = init_from(params)
+    params = init_from(jax.eval_shape(init_fn))
+  else:
+    params = nn.meta.unbox(init_fn())
   return steps.create_state(params, optimizer), ckpt, 0
 
 

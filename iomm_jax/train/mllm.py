@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import ml_collections
 
 from iomm_jax import checkpointing
@@ -33,11 +32,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   seq_len = model.num_image_tokens + 3 + config.model.max_text_len + 1
   data_iter = iter(pipeline.make_dataset(config, conditioner, seq_len=seq_len))
-  boxed = iomm.init_mllm(model, jax.random.key(config.seed + 17))
   optimizer, train_step = loop.make_jitted_step(
     steps.caption_loss_fn(model), config, config.train.num_steps
   )
-  state, ckpt, start = loop.restore_or_init(config, workdir, boxed, optimizer, data_iter)
+  state, ckpt, start = loop.restore_or_init(
+    config,
+    workdir,
+    lambda: iomm.init_mllm(model, config.seed + context.MLLM_SEED),
+    optimizer,
+    data_iter,
+  )
   meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
   return loop.run(
     loop.Run(config, workdir, state, None, data_iter, train_step, ckpt, meta, start_step=start)

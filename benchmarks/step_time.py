@@ -1,0 +1,75 @@
+"""Training-step time of the stage-1 shapes model on this machine, over batch sizes and codec
+factors: the measurement behind the demo's batch 16 / pixel-codec factor 2 choice.
+
+  python benchmarks/step_time.py [--batch 8 16 32] [--factor 2 4] [--steps 20]
+
+Prints a markdown table (ms per step after warm-up, samples/s). Uses a randomly initialised
+frozen MLLM, so no stage-0 run is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import flags
+
+from iomm_jax import runtime
+from iomm_jax.configs.loading import load_config
+from iomm_jax.data import pipeline
+from iomm_jax.models import iomm
+from iomm_jax.train import context, loop, steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def time_step(batch: int, factor: int, n: int) -> float:
+  """Seconds per stage-1 train step (data included), after 10 warm-up steps."""
+  c = load_config(
+    os.path.join(ROOT, "experiments/shapes/pretrain.py"),
+    {"model.mllm_init": "random", "train.batch_size": batch, "model.codec_factor": factor},
+  )
+  ctx = context.build(c)
+  it = iter(pipeline.make_dataset(c, ctx.conditioner))
+  null_ids, null_valid = ctx.conditioner.null_condition()
+  loss_fn = steps.generator_loss_fn(ctx.model, c, jnp.asarray(null_ids), jnp.asarray(null_valid))
+  params = nn.meta.unbox(iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
+  opt, step = loop.make_jitted_step(loss_fn, c, 1000)
+  state, rng = steps.create_state(params, opt), jax.random.key(0)
+
+  def run(k):
+    nonlocal state
+    for _ in range(k):
+      state, m = step(state, {k_: jnp.asarray(v) for k_, v in next(it).items()}, ctx.frozen, rng)
+    jax.block_until_ready(m)
+
+  run(10)
+  t = time.perf_counter()
+  run(n)
+  return (time.perf_counter() - t) / n
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
+  p.add_argument("--factor", type=int, nargs="+", default=[2, 4])
+  p.add_argument("--steps", type=int, default=20)
+  a = p.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  runtime.enable_compilation_cache()
+  print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}, {jax.devices()[0]}")
+  print("| codec factor | image tokens | batch | ms / step | samples / s |")
+  print("|---|---|---|---|---|")
+  for f, b in itertools.product(a.factor, a.batch):
+    s = time_step(b, f, a.steps)
+    print(f"| {f} | {(32 // f // 2) ** 2} | {b} | {1000 * s:.0f} | {b / s:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""Loading a trained generator workdir and sampling it (shared by iomm-sample and iomm-demo)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from iomm_jax import generate
+from iomm_jax.models import iomm
+from iomm_jax.train import context, loop
+
+
+def load_generator(workdir: str, use_ema: bool = True):
+  """(config, GenerationContext, trainable params) of a trained generator workdir."""
+  config = loop.load_workdir_config(workdir)
+  if config.stage not in ("pretrain", "finetune"):
+    raise ValueError(
+      f"{workdir!r} is a {config.stage!r} run; sample from a stage-1 or stage-2 workdir"
+    )
+  ctx = context.build(config)
+  boxed = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
+  params = context.restore_params(workdir, boxed, which="ema" if use_ema else "params")
+  return config, ctx, params
+
+
+def sample_prompts(
+  config,
+  ctx,
+  params,
+  prompts: list[str],
+  seed: int,
+  steps: int | None = None,
+  cfg: float | None = None,
+  solver: str | None = None,
+) -> np.ndarray:
+  """uint8 [len(prompts), H, W, 3] images, one per prompt."""
+  s = config.sample
+  ids, valid = ctx.conditioner.text_conditions(prompts)
+  null_ids, null_valid = ctx.conditioner.null_condition()
+  return generate.generate(
+    ctx.model,
+    params,
+    ctx.frozen,
+    ids,
+    valid,
+    null_ids,
+    null_valid,
+    jax.random.key(seed),
+    num_steps=steps or s.num_steps,
+    solver=solver or s.solver,
+    cfg_scale=s.cfg_scale if cfg is None else cfg,
+    shift=s.shift,
+  )

@@ -1,0 +1,65 @@
+"""The assembled IOMM: attention layout of the MLLM input, conditioning, real-size counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iomm_jax.configs.base import get_base_config
+from iomm_jax.models import iomm, layers
+
+
+def test_query_attention_layout():
+  valid = jnp.array([[True, True, True, False], [True, True, False, False]])
+  mask, pos = iomm.query_attention(valid, 2)
+  m = np.asarray(mask[:, 0])
+  # prompt rows: causal over valid prompt tokens, never the queries
+  assert m[0, 2].tolist() == [True, True, True, False, False, False]
+  assert m[0, 1].tolist() == [True, True, False, False, False, False]
+  # query rows: every valid prompt token and every query, not the padding
+  assert m[0, 4].tolist() == [True, True, True, False, True, True]
+  assert m[1, 5].tolist() == [True, True, False, False, True, True]
+  # positions: prompt 0.., queries continue after the last valid prompt token
+  assert np.asarray(pos).tolist() == [[0, 1, 2, 2, 3, 4], [0, 1, 1, 1, 2, 3]]
+
+
+def _tiny_model():
+  c = get_base_config()
+  c.model.num_queries = 4
+  c.model.adapter_heads = 4
+  c.model.codec_factor = 4
+  return iomm.build(c, vocab_size=64, image_token_id=6)
+
+
+def test_condition_ignores_padding_and_uses_image_tokens():
+  model = _tiny_model()
+  mllm = nn.meta.unbox(iomm.init_mllm(model, 0))
+  trainable = nn.meta.unbox(iomm.init_trainable(model, 0, 8))
+  ids = jnp.array([[2, 7, 6, 6, 6, 6, 9, 0]] * 2, jnp.int32)  # 4 image-context slots
+  valid = ids != 0
+  vis = jax.random.normal(jax.random.key(0), (2, model.num_image_tokens, 128))[:, :4]
+  vis = jnp.pad(vis, ((0, 0), (0, model.num_image_tokens - 4), (0, 0)))
+  ctx, pooled = iomm.condition(model, trainable, mllm, ids, valid, vis)
+  assert ctx.shape == (2, 4, 128) and pooled.shape == (2, 128)
+  np.testing.assert_allclose(pooled, ctx.mean(axis=1), atol=1e-5)
+  # the padded position's id does not matter
+  ctx2, _ = iomm.condition(model, trainable, mllm, ids.at[:, 7].set(11), valid, vis)
+  np.testing.assert_allclose(ctx, ctx2, atol=1e-5)
+  # zeroing (masking) one image token changes the condition
+  ctx3, _ = iomm.condition(model, trainable, mllm, ids, valid, vis.at[:, 1].set(0.0))
+  assert float(jnp.abs(ctx - ctx3).max()) > 1e-4
+
+
+def test_paper_size_counts():
+  # IOMM-B: InternVL3-2B frozen MLLM, the 1.6 B MM-DiT, the 29 M RQA, FLUX VAE latents.
+  c = get_base_config()
+  c.model.mllm, c.model.generator, c.model.codec = "internvl3_2b", "B", "vae"
+  c.model.image_size = 512
+  model = iomm.build(c, vocab_size=151674, image_token_id=151667)
+  shapes = jax.eval_shape(lambda: iomm.init_trainable(model, 0, 300))
+  counts = {k: layers.count_params(v) for k, v in shapes.items()}
+  assert counts["generator"] == 1_601_038_400
+  assert counts["adapter"] == 28_718_592
+  assert counts["connector"] == 1536 * 1536 + 1536
+  assert model.latent_shape == (64, 64, 16)
+  assert model.num_image_tokens == 256
