@@ -19,14 +19,21 @@ def _cfg(**kw):
 
 def test_paper_defaults():
   c = _cfg()
-  assert (c.name, c.lr, c.b1, c.b2, c.weight_decay, c.clip_norm) == ("adamw", 1e-4, 0.9, 0.95,
-                                                                      0.0, 1.0)
+  assert (c.name, c.lr, c.b1, c.b2, c.weight_decay, c.clip_norm) == (
+    "adamw",
+    1e-4,
+    0.9,
+    0.95,
+    0.0,
+    1.0,
+  )
 
 
 @pytest.mark.parametrize("schedule,at_end", [("constant", 1.0), ("cosine", 0.1), ("linear", 0.1)])
 def test_schedules_with_warmup(schedule, at_end):
-  s = optim.make_schedule(_cfg(lr=1.0, schedule=schedule, warmup_steps=10,
-                               final_lr_fraction=0.1), 110)
+  s = optim.make_schedule(
+    _cfg(lr=1.0, schedule=schedule, warmup_steps=10, final_lr_fraction=0.1), 110
+  )
   np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
   np.testing.assert_allclose(s(110), at_end, atol=1e-6)
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import iomm_jax
 from iomm_jax import checkpointing, inference, metrics, runtime
@@ -51,8 +51,9 @@ def labelled_grid(
   cell_h, cell_w = h * scale + 4, w * scale + 4
   canvas = Image.new("RGB", (label_width + per_row * cell_w, rows * cell_h), "white")
   draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default(size=14)
   for r in range(rows):
-    draw.text((4, r * cell_h + cell_h // 2 - 6), prompts[r * per_row], fill="black")
+    draw.text((4, r * cell_h + cell_h // 2 - 6), prompts[r * per_row], fill="black", font=font)
     for k in range(per_row):
       tile = Image.fromarray(images[r * per_row + k]).resize((w * scale, h * scale), Image.NEAREST)
       canvas.paste(tile, (label_width + k * cell_w + 2, r * cell_h + 2))

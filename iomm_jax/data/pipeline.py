@@ -187,8 +187,11 @@ def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.It
   ds = ds.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
   # Elements are whole batches here: grain's default read-ahead (16 threads, 500 elements) would
   # render thousands of images up front and compete with the train step for the CPU.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
-                                            prefetch_buffer_size=config.data.prefetch))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch
+    )
+  )
   if config.data.num_workers > 0:
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(

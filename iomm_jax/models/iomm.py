@@ -201,6 +201,22 @@ def vision_tokens(model: IOMM, mllm_params: Any, images: jax.Array) -> jax.Array
   return jax.lax.stop_gradient(toks)
 
 
+def merge_image_tokens_per_row(
+  embeds: jax.Array, ids: jax.Array, image_tokens: jax.Array, image_token_id: int
+) -> jax.Array:
+  """Row b's j-th image-context placeholder takes ``image_tokens[b, j]``.
+
+  Unlike transformers' ``masked_scatter`` (``mllm.merge_image_tokens``), which fills placeholders
+  in order over the whole flattened batch, this keeps each sample's image in its own row, so a
+  batch may mix image-conditioned and text-only rows (stage 2).
+  embeds [B, L, D], ids [B, L], image_tokens [B, P, D] -> [B, L, D].
+  """
+  is_image = ids == image_token_id
+  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+  gathered = jnp.take_along_axis(image_tokens.astype(embeds.dtype), index[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered, embeds)
+
+
 def query_attention(valid: jax.Array, num_queries: int) -> tuple[jax.Array, jax.Array]:
   """Mask and positions for the MLLM sequence [prompt (L, right-padded) ; queries (Q)].
 
@@ -247,8 +263,8 @@ def condition(
   apply_m = lambda method, *a: model.mllm.apply({"params": mllm_params}, *a, method=method)
   embeds = apply_m(mllm_lib.InternVLModel.embed, cond_ids)
   if image_tokens is not None:
-    embeds = mllm_lib.merge_image_tokens(
-      embeds, cond_ids, image_tokens.astype(embeds.dtype), model.mllm_config.image_token_id
+    embeds = merge_image_tokens_per_row(
+      embeds, cond_ids, image_tokens, model.mllm_config.image_token_id
     )
   queries = model.adapter.apply({"params": trainable["adapter"]}, embeds, cond_valid)
   seq = jnp.concatenate([embeds, queries.astype(embeds.dtype)], axis=1)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iomm_jax import checkpointing, generate, metrics
+from iomm_jax import checkpointing, generate, inference, metrics
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
@@ -79,10 +79,7 @@ def sample_grid(
   rng = jax.random.key(config.seed + 99)
   if kind == "text":
     prompts = [p for p in grid_prompts(config) for _ in range(s.per_prompt)]
-    ids, valid = ctx.conditioner.text_conditions(prompts)
-    imgs = generate.generate(
-      ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid, rng, **kw
-    )
+    imgs = inference.sample_prompts(config, ctx, params, prompts, seed=config.seed + 99)
     return metrics.image_grid(imgs, rows=s.num_grid)
   world = pipeline.world_from_config(config)
   src = np.stack(

@@ -25,8 +25,16 @@ from iomm_jax.train import steps
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Validates the config (before anything compiles) and records it in ``workdir``."""
+  """Validates the config (before anything compiles) and records it in ``workdir``.
+
+  A workdir that already holds checkpoints of another model config is refused here, before its
+  ``config.json`` is touched.
+  """
   loading.validate(config, jax.device_count())
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    previous = load_workdir_config(workdir).model.to_dict()
+    checkpointing.check_model_signature(previous, config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     checkpointing.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))

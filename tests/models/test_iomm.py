@@ -63,3 +63,15 @@ def test_paper_size_counts():
   assert counts["connector"] == 1536 * 1536 + 1536
   assert model.latent_shape == (64, 64, 16)
   assert model.num_image_tokens == 256
+
+
+def test_image_tokens_stay_in_their_row_in_a_mixed_batch():
+  # row 0 is text-only, row 1 holds two placeholders: they must take row 1's image tokens
+  embeds = jnp.zeros((2, 4, 3))
+  ids = jnp.array([[1, 2, 3, 0], [1, 6, 6, 0]])
+  tokens = jnp.stack([jnp.full((2, 3), 10.0), jnp.full((2, 3), 20.0)]).at[1, 1].set(21.0)
+  out = iomm.merge_image_tokens_per_row(embeds, ids, tokens, image_token_id=6)
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_array_equal(out[1, 1], 20.0)
+  np.testing.assert_array_equal(out[1, 2], 21.0)
+  np.testing.assert_array_equal(out[1, [0, 3]], 0.0)

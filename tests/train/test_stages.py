@@ -140,10 +140,14 @@ def test_unknown_config_key():
 
 def test_workdir_from_another_model_config(stage0, stage1, tmp_path):
   c = cfg("pretrain", **{"model.mllm_from": stage0[0], "model.num_queries": 8})
+  with open(os.path.join(stage1[0], "config.json")) as f:
+    before = f.read()
   with pytest.raises(
     ValueError, match=r"config.model.num_queries: checkpoint has 16, config has 8"
   ):
     pretrain.train_and_evaluate(c, stage1[0])
+  with open(os.path.join(stage1[0], "config.json")) as f:
+    assert f.read() == before  # the refused run left the workdir as it was
 
 
 def test_prompt_longer_than_the_tokenizer_limit(stage1):
