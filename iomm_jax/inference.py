@@ -23,31 +23,30 @@ def load_generator(workdir: str, use_ema: bool = True):
   return config, ctx, params
 
 
-def sample_prompts(
+def sample(
   config,
   ctx,
   params,
-  prompts: list[str],
+  ids: np.ndarray,
+  valid: np.ndarray,
   seed: int,
   steps: int | None = None,
   cfg: float | None = None,
   solver: str | None = None,
+  **condition,
 ) -> np.ndarray:
-  """uint8 [len(prompts), H, W, 3] images, one per prompt."""
+  """uint8 images, one per condition row, with ``config.sample``'s settings unless overridden;
+  ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows)."""
   s = config.sample
-  ids, valid = ctx.conditioner.text_conditions(prompts)
   null_ids, null_valid = ctx.conditioner.null_condition()
   return generate.generate(
-    ctx.model,
-    params,
-    ctx.frozen,
-    ids,
-    valid,
-    null_ids,
-    null_valid,
-    jax.random.key(seed),
-    num_steps=steps or s.num_steps,
-    solver=solver or s.solver,
-    cfg_scale=s.cfg_scale if cfg is None else cfg,
-    shift=s.shift,
-  )
+    ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid, jax.random.key(seed),
+    num_steps=steps or s.num_steps, solver=solver or s.solver,
+    cfg_scale=s.cfg_scale if cfg is None else cfg, shift=s.shift, **condition,
+  )  # fmt: skip
+
+
+def sample_prompts(config, ctx, params, prompts: list[str], seed: int, **kw) -> np.ndarray:
+  """uint8 [len(prompts), H, W, 3] images, one per text prompt (``kw`` as in ``sample``)."""
+  ids, valid = ctx.conditioner.text_conditions(prompts)
+  return sample(config, ctx, params, ids, valid, seed, **kw)

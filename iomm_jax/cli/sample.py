@@ -34,9 +34,9 @@ def _main(argv):
     params,
     [_PROMPT.value] * _NUM.value,
     _SEED.value,
-    _STEPS.value,
-    _CFG.value,
-    _SOLVER.value,
+    steps=_STEPS.value,
+    cfg=_CFG.value,
+    solver=_SOLVER.value,
   )
   grid = metrics.image_grid(imgs, rows=max(1, int(np.sqrt(len(imgs)))))
   Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(

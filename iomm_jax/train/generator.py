@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iomm_jax import checkpointing, generate, inference, metrics
+from iomm_jax import checkpointing, inference, metrics
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
@@ -74,12 +73,10 @@ def sample_grid(
   image followed by generations from its masked self-condition."""
   s = config.sample
   params = state.ema if s.use_ema else state.params
-  null_ids, null_valid = ctx.conditioner.null_condition()
-  kw = dict(num_steps=s.num_steps, solver=s.solver, cfg_scale=s.cfg_scale, shift=s.shift)
-  rng = jax.random.key(config.seed + 99)
+  seed = config.seed + 99
   if kind == "text":
     prompts = [p for p in grid_prompts(config) for _ in range(s.per_prompt)]
-    imgs = inference.sample_prompts(config, ctx, params, prompts, seed=config.seed + 99)
+    imgs = inference.sample_prompts(config, ctx, params, prompts, seed=seed)
     return metrics.image_grid(imgs, rows=s.num_grid)
   world = pipeline.world_from_config(config)
   src = np.stack(
@@ -91,18 +88,8 @@ def sample_grid(
   cond = np.repeat(src, s.per_prompt, axis=0)
   ids, valid = ctx.conditioner.image_condition()
   ids, valid = np.tile(ids, (len(cond), 1)), np.tile(valid, (len(cond), 1))
-  imgs = generate.generate(
-    ctx.model,
-    params,
-    ctx.frozen,
-    ids,
-    valid,
-    null_ids,
-    null_valid,
-    rng,
-    images=cond,
-    mask_ratio=config.diffusion.mask_ratio,
-    **kw,
+  imgs = inference.sample(
+    config, ctx, params, ids, valid, seed, images=cond, mask_ratio=config.diffusion.mask_ratio
   )
   rows = np.concatenate(
     [src[:, None], imgs.reshape(s.num_grid, s.per_prompt, *imgs.shape[1:])], axis=1
