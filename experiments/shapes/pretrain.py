@@ -11,7 +11,7 @@ from iomm_jax.configs.shapes import shapes_generator
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, quick=False, steps=600)
+  a = parse_arg(arg, quick=False, steps=1800)
   c = get_base_config()
   c.stage = "pretrain"
   c.diffusion.mask_ratio = 0.85

@@ -48,6 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.canvas = 32  # shapes world: canvas side in pixels
   d.grid = 2  # shapes world: objects sit in a grid x grid layout of cells
   d.num_pairs = 2000  # stage 2: size of the fixed curated text-image pair set
+  d.dense_captions = 0.0  # stage 2: share of pairs captioned densely (every object described)
   d.image_only_source = "pairs"  # stage 2 image-only half: "pairs" (captions dropped) or "stream"
   d.num_workers = 0  # grain worker processes (0 = in the training process)
   d.read_threads = 1  # grain threads reading (rendering) batches in the training process

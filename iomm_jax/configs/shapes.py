@@ -12,9 +12,13 @@ def shapes_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.generator = "tiny"
   c.model.num_queries = 16  # the tiny MLLM sees 16 image tokens; 16 queries summarise them
   c.model.adapter_heads = 4  # tiny MLLM width 128 = 4 heads x 32
-  # 32x32 px -> 16x16x12 latents -> 64 generator tokens of 48 values. Factor 4 (16 tokens of 192
-  # values) runs 2x faster but a width-128 generator cannot express 192-d per-token noise: its
-  # samples stay speckled (measured, docs/RESULTS.md).
+  # 24x24 px canvases in a 2x2 grid (objects 7-10 px) -> 12x12x12 latents -> 36 generator tokens
+  # of 48 values. 32 px (64 tokens) trained ~1.4x slower per step and learned nothing
+  # recognisable in the demo's budget; factor 4 (fewer tokens of 192 values) left a width-128
+  # generator's samples speckled (measured, docs/RESULTS.md). The tiny ViT sees the canvas resized
+  # to its 32 px, as InternVL resizes to 448.
+  c.data.canvas = 24
+  c.model.image_size = 24
   c.model.codec_factor = 2
   return c
 

@@ -14,6 +14,7 @@ Captioning (stage 0): [BOS] <img> <IMG_CONTEXT> x P </img> caption [EOS], loss o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -39,12 +40,14 @@ class Conditioner:
   aux_prompt: str
   max_text_len: int
 
-  @property
+  @functools.cached_property
   def aux_ids(self) -> list[int]:
+    """[BOS] + the auxiliary prompt's ids (encoded once per conditioner)."""
     return self.tokenizer.encode(self.aux_prompt, bos=True)
 
-  @property
+  @functools.cached_property
   def cond_len(self) -> int:
+    """Length of every padded condition sequence."""
     return max(len(self.aux_ids) + 2 + self.num_image_tokens, self.max_text_len)
 
   def _pad(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,12 +90,24 @@ class ShapesStream:
 
 
 class PairSet:
-  """The fixed, curated text-image pair set of stage 2 (rendered once, held in memory)."""
+  """The fixed, curated text-image pair set of stage 2 (rendered once, held in memory).
 
-  def __init__(self, world: shapes.WorldConfig, num_pairs: int, seed: int):
+  A share ``dense_captions`` of the pairs (chosen by ``seed``) carries the scene's dense
+  description (every object's colour and shape, ``shapes.describe``), the rest their category
+  prompt, as curated sets mix detailed and short captions.
+  """
+
+  def __init__(
+    self, world: shapes.WorldConfig, num_pairs: int, seed: int, dense_captions: float = 0.0
+  ):
+    if not 0.0 <= dense_captions <= 1.0:
+      raise ValueError(f"config.data.dense_captions={dense_captions} must lie in [0, 1]")
     pairs = shapes.make_pair_set(world, num_pairs, seed)
+    dense = np.random.default_rng((seed, 1)).random(num_pairs) < dense_captions
     self.images = np.stack([shapes.render(scene, world) for scene, _, _ in pairs])
-    self.captions = [caption for _, caption, _ in pairs]
+    self.captions = [
+      shapes.describe(scene) if d else caption for (scene, caption, _), d in zip(pairs, dense)
+    ]
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -220,7 +235,9 @@ def make_dataset(
       grain.MapDataset.source(ShapesStream(world, seed + 2)).map(ImageOnly(conditioner)), config
     )
   if config.stage == "finetune":
-    pairs = grain.MapDataset.source(PairSet(world, config.data.num_pairs, seed + 3))
+    pairs = grain.MapDataset.source(
+      PairSet(world, config.data.num_pairs, seed + 3, config.data.dense_captions)
+    )
     pairs = pairs.shuffle(seed=seed + 4).repeat(None)
     lam = config.diffusion.mix_ratio
     if config.data.image_only_source == "pairs":  # the pair images, captions dropped

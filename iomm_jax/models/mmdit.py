@@ -78,6 +78,10 @@ class MMDiTConfig:
   axes_dims_rope: tuple[int, ...] = (16, 56, 56)
   latent_patch: int = 2
   mlp_ratio: float = 4.0
+  # Ours, not diffusers': zero-initialise every adaLN modulation and the output projection, so
+  # each block starts as the identity and the model predicts 0 (DiT's adaLN-Zero). Training
+  # from scratch converges much faster; imported weights overwrite the init either way.
+  zero_init: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
@@ -290,15 +294,25 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
+def _init(zero: bool) -> layers.Initializer:
+  return nn.initializers.zeros_init() if zero else layers.default_kernel_init
+
+
 def _modulation(
-  temb: jax.Array, chunks: int, width: int, dtype: Dtype, param_dtype: Dtype
+  temb: jax.Array, chunks: int, width: int, dtype: Dtype, param_dtype: Dtype, zero: bool
 ) -> list[jax.Array]:
   """``linear(SiLU(temb))`` split into ``chunks`` float32 [B, D] vectors.
 
-  Call it inside a compact adaLN module: the Dense it makes is that module's ``linear``.
+  Call it inside a compact adaLN module: the Dense it makes is that module's ``linear``
+  (zero-initialised when ``zero``).
   """
   emb = Dense(
-    chunks * width, ("embed", "modulation"), name="linear", dtype=dtype, param_dtype=param_dtype
+    chunks * width,
+    ("embed", "modulation"),
+    name="linear",
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_init(zero),
   )(nn.silu(temb.astype(jnp.float32)))
   return jnp.split(emb.astype(jnp.float32), chunks, axis=-1)
 
@@ -312,11 +326,12 @@ class AdaLayerNormZero(nn.Module):
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _modulation(
-      temb, 6, x.shape[-1], self.dtype, self.param_dtype
+      temb, 6, x.shape[-1], self.dtype, self.param_dtype, self.zero_init
     )
     return _modulate(x, shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
 
@@ -329,10 +344,13 @@ class AdaLayerNormZeroSingle(nn.Module):
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    shift, scale, gate = _modulation(temb, 3, x.shape[-1], self.dtype, self.param_dtype)
+    shift, scale, gate = _modulation(
+      temb, 3, x.shape[-1], self.dtype, self.param_dtype, self.zero_init
+    )
     return _modulate(x, shift, scale), gate
 
 
@@ -341,10 +359,13 @@ class AdaLayerNormContinuous(nn.Module):
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    scale, shift = _modulation(temb, 2, x.shape[-1], self.dtype, self.param_dtype)
+    scale, shift = _modulation(
+      temb, 2, x.shape[-1], self.dtype, self.param_dtype, self.zero_init
+    )
     return _modulate(x, shift, scale)
 
 
@@ -458,15 +479,17 @@ class DoubleStreamBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
 
   @nn.compact
   def __call__(
     self, x: jax.Array, ctx: jax.Array, temb: jax.Array, angles: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nx, (gate, shift_mlp, scale_mlp, gate_mlp) = AdaLayerNormZero(name="norm1", **kw)(x, temb)
+    ada = dict(zero_init=self.zero_init, **kw)
+    nx, (gate, shift_mlp, scale_mlp, gate_mlp) = AdaLayerNormZero(name="norm1", **ada)(x, temb)
     nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
-      name="norm1_context", **kw
+      name="norm1_context", **ada
     )(ctx, temb)
     attn_x, attn_c = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(nx, angles, nc)
     x = x + gate[:, None] * attn_x.astype(jnp.float32)
@@ -492,11 +515,12 @@ class SingleStreamBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, angles: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    n, gate = AdaLayerNormZeroSingle(name="norm", **kw)(h, temb)
+    n, gate = AdaLayerNormZeroSingle(name="norm", zero_init=self.zero_init, **kw)(h, temb)
     mlp = layers.gelu_tanh(Dense(self.mlp_dim, ("embed", "mlp"), name="proj_mlp", **kw)(n))
     attn = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(n, angles)
     out = Dense(h.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(
@@ -553,7 +577,11 @@ class MMDiT(nn.Module):
       )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     blk = dict(
-      num_heads=c.num_attention_heads, head_dim=c.attention_head_dim, mlp_dim=c.mlp_dim, **kw
+      num_heads=c.num_attention_heads,
+      head_dim=c.attention_head_dim,
+      mlp_dim=c.mlp_dim,
+      zero_init=c.zero_init,
+      **kw,
     )
     d = c.inner_dim
     temb = CombinedTimestepTextProjEmbeddings(d, c.guidance_embeds, name="time_text_embed", **kw)(
@@ -569,6 +597,8 @@ class MMDiT(nn.Module):
     h = jnp.concatenate([ctx, x], axis=1)
     for i in range(c.num_single_layers):
       h = SingleStreamBlock(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles)
-    x = AdaLayerNormContinuous(name="norm_out", **kw)(h[:, lt:], temb)
-    out = Dense(c.out_features, ("embed", "patch"), name="proj_out", **kw)(x)
+    x = AdaLayerNormContinuous(name="norm_out", zero_init=c.zero_init, **kw)(h[:, lt:], temb)
+    out = Dense(
+      c.out_features, ("embed", "patch"), name="proj_out", kernel_init=_init(c.zero_init), **kw
+    )(x)
     return out.astype(jnp.float32)

@@ -11,6 +11,7 @@ WORLDS = [
   WORLD,
   S.WorldConfig(canvas=48, grid=3, shapes=("circle", "square", "triangle", "diamond"), max_count=9),
   S.WorldConfig(canvas=32, grid=3),  # smallest objects: 6.4 px
+  S.WorldConfig(canvas=24, grid=2),  # the demo's world (configs/shapes.py)
   S.WorldConfig(
     canvas=64,
     size_range=(0.5, 0.9),
@@ -19,7 +20,7 @@ WORLDS = [
     colors=("white", "red", "cyan", "yellow", "purple", "green"),
   ),
 ]
-IDS = ["32px-grid2", "48px-grid3-diamond", "32px-grid3", "64px-dark"]
+IDS = ["32px-grid2", "48px-grid3-diamond", "32px-grid3", "24px-grid2", "64px-dark"]
 
 
 def _ground_truth(world, images_per_prompt, seed=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -277,3 +278,23 @@ def test_config_validation_names_the_field():
     mmdit.get_mmdit_config("XL")
   assert mmdit.get_mmdit_config("B", num_layers=2).num_layers == 2
   assert mmdit.get_mmdit_config("tiny", axes_dims_rope=[8, 12, 12]).axes_dims_rope == (8, 12, 12)
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_starts_as_identity_blocks_predicting_zero(zero_init):
+  cfg = mmdit.get_mmdit_config("tiny", num_layers=1, num_single_layers=1, zero_init=zero_init)
+  model = mmdit.MMDiT(cfg)
+  args = _inputs(cfg)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *args))["params"]
+  flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+  zeroed = [k for k in flat if k.endswith("linear/kernel") or k == "proj_out/kernel"]
+  assert len(zeroed) == 5  # norm1, norm1_context, single norm, norm_out, proj_out
+  assert all((np.asarray(flat[k]) == 0).all() == zero_init for k in zeroed)
+  out = np.asarray(model.apply({"params": params}, *args))
+  assert (out == 0).all() == zero_init
+  # every other kernel is random either way
+  assert all(
+    np.abs(np.asarray(v)).max() > 0
+    for k, v in flat.items()
+    if k.endswith("kernel") and k not in zeroed
+  )
