@@ -1,7 +1,7 @@
 """Training-step time of the stage-1 shapes model on this machine, over batch sizes and codec
-factors: the measurement behind the demo's batch 16 / pixel-codec factor 2 choice.
+factors: the measurement behind the demo's pixel-codec factor 2 choice.
 
-  python benchmarks/step_time.py [--batch 8 16 32] [--factor 2 4] [--steps 20]
+  python benchmarks/step_time.py [--batch 8 16 32] [--factor 2 4] [--steps 20] [--canvas 32]
 
 Prints a markdown table (ms per step after warm-up, samples/s). Uses a randomly initialised
 frozen MLLM, so no stage-0 run is needed.
@@ -29,11 +29,16 @@ from iomm_jax.train import context, loop, steps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def time_step(batch: int, factor: int, n: int) -> float:
-  """Seconds per stage-1 train step (data included), after 10 warm-up steps."""
+def time_step(batch: int, factor: int, n: int, canvas: int = 0) -> tuple[float, int]:
+  """(seconds per stage-1 train step, data included, after 10 warm-up steps; image tokens)."""
   c = load_config(
     os.path.join(ROOT, "experiments/shapes/pretrain.py"),
-    {"model.mllm_init": "random", "train.batch_size": batch, "model.codec_factor": factor},
+    {
+      "model.mllm_init": "random",
+      "train.batch_size": batch,
+      "model.codec_factor": factor,
+      **({"data.canvas": canvas, "model.image_size": canvas} if canvas else {}),
+    },
   )
   ctx = context.build(c)
   it = iter(pipeline.make_dataset(c, ctx.conditioner))
@@ -52,7 +57,8 @@ def time_step(batch: int, factor: int, n: int) -> float:
   run(10)
   t = time.perf_counter()
   run(n)
-  return (time.perf_counter() - t) / n
+  tokens = (c.model.image_size // factor // ctx.model.generator.config.latent_patch) ** 2
+  return (time.perf_counter() - t) / n, tokens
 
 
 def main():
@@ -60,6 +66,7 @@ def main():
   p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
   p.add_argument("--factor", type=int, nargs="+", default=[2, 4])
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--canvas", type=int, default=0, help="canvas side in px (0: the config's)")
   a = p.parse_args()
   flags.FLAGS.mark_as_parsed()
   runtime.enable_compilation_cache()
@@ -67,8 +74,8 @@ def main():
   print("| codec factor | image tokens | batch | ms / step | samples / s |")
   print("|---|---|---|---|---|")
   for f, b in itertools.product(a.factor, a.batch):
-    s = time_step(b, f, a.steps)
-    print(f"| {f} | {(32 // f // 2) ** 2} | {b} | {1000 * s:.0f} | {b / s:.0f} |", flush=True)
+    s, tokens = time_step(b, f, a.steps, a.canvas)
+    print(f"| {f} | {tokens} | {b} | {1000 * s:.0f} | {b / s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

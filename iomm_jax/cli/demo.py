@@ -97,7 +97,11 @@ def markdown_report(report: dict) -> str:
 def evaluate(workdir: str, per_category: int, seed: int = 0) -> dict:
   """Detector scores of a generator workdir on the held-out prompts: ``per_category`` images
   per GenEval category (its prompts repeated with fresh noise); GenEval's JSON layout."""
-  config, ctx, params = inference.load_generator(workdir)
+  return evaluate_loaded(*inference.load_generator(workdir), per_category, seed)
+
+
+def evaluate_loaded(config, ctx, params, per_category: int, seed: int = 0) -> dict:
+  """``evaluate`` on an already loaded generator (config, GenerationContext, parameters)."""
   world = pipeline.world_from_config(config)
   by_tag: dict[str, list[dict]] = {}
   for m in shapes.eval_prompts(world, per_category=None):

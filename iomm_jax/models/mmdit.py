@@ -363,9 +363,7 @@ class AdaLayerNormContinuous(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    scale, shift = _modulation(
-      temb, 2, x.shape[-1], self.dtype, self.param_dtype, self.zero_init
-    )
+    scale, shift = _modulation(temb, 2, x.shape[-1], self.dtype, self.param_dtype, self.zero_init)
     return _modulate(x, shift, scale)
 
 

@@ -1,0 +1,92 @@
+"""Scores a trained shapes-world generator: detector scores per GenEval category and two coarser
+diagnostics that tell *why* a model fails (the measurement behind docs/RESULTS.md's demo tables).
+
+  python benchmarks/shapes_score.py --workdir runs/demo/finetune [--cfg 3] [--steps 20]
+      [--per-category 32] [--raw] [--seed 0]
+
+* scores: ``iomm-demo``'s evaluation (held-out prompts, ``--per-category`` images each);
+* colour match: for "a photo of a {colour} {shape}" over every colour and shape (4 images each),
+  the share whose dominant foreground colour is the prompt's (chance: 1 / number of colours);
+* empty: the share of those images with no foreground pixel at all (the world has no empty
+  scenes); recognised: the share with at least one object the detector can name.
+
+Sampler settings default to the workdir's config; ``--raw`` samples the raw (non-EMA) weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from absl import flags, logging
+
+from iomm_jax import inference, runtime
+from iomm_jax.cli import demo
+from iomm_jax.data import pipeline
+from iomm_jax.eval import shapes_detector
+
+
+def colour_diagnostics(config, ctx, params, seed: int) -> dict[str, float]:
+  """Colour match, empty and recognised shares over single-object colour prompts."""
+  world = pipeline.world_from_config(config)
+  prompts = [f"a photo of a {c} {s}" for c in world.colors for s in world.shapes for _ in range(4)]
+  imgs = inference.sample_prompts(config, ctx, params, prompts, seed)
+  match = empty = named = 0
+  for prompt, img in zip(prompts, imgs):
+    seg = shapes_detector.segment(img, world)
+    fg = seg[seg >= 0]
+    if fg.size == 0:
+      empty += 1
+      continue
+    dominant = world.colors[int(np.bincount(fg, minlength=len(world.colors)).argmax())]
+    match += dominant in prompt.split()
+    named += any(d.shape is not None for d in shapes_detector.detect(img, world))
+  n = len(prompts)
+  return {
+    "colour_match": match / n,
+    "colour_chance": 1 / len(world.colors),
+    "empty": empty / n,
+    "recognised": named / n,
+  }
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config's)")
+  p.add_argument("--steps", type=int, default=None, help="sampler steps (default: config's)")
+  p.add_argument("--per-category", type=int, default=32)
+  p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  runtime.enable_compilation_cache()
+  config, ctx, params = inference.load_generator(a.workdir, use_ema=not a.raw)
+  config.unlock()
+  if a.cfg is not None:
+    config.sample.cfg_scale = a.cfg
+  if a.steps is not None:
+    config.sample.num_steps = a.steps
+  config.lock()
+  scores = demo.evaluate_loaded(config, ctx, params, a.per_category, a.seed)
+  diag = colour_diagnostics(config, ctx, params, a.seed + 3)
+  cats = sorted(scores["categories"])
+  print(
+    f"{a.workdir}: cfg {config.sample.cfg_scale}, {config.sample.num_steps} steps, "
+    f"{'raw' if a.raw else 'EMA'} weights, {scores['num_images']} images"
+  )
+  print("| " + " | ".join(cats) + " | overall | colour match | empty | recognised |")
+  print("|---" * (len(cats) + 4) + "|")
+  print(
+    "| "
+    + " | ".join(f"{scores['categories'][c]:.2f}" for c in cats)
+    + f" | {scores['overall']:.3f} | {diag['colour_match']:.2f} | {diag['empty']:.2f} |"
+    + f" {diag['recognised']:.2f} |"
+  )
+  print(json.dumps({"scores": scores, "diagnostics": diag}))
+
+
+if __name__ == "__main__":
+  main()
