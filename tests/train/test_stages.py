@@ -158,4 +158,5 @@ def test_prompt_longer_than_the_tokenizer_limit(stage1):
   with pytest.raises(ValueError, match="max_len=24"):
     inference.sample_prompts(config, ctx, params, [long], seed=0)
   img = inference.sample_prompts(config, ctx, params, ["a photo of a red circle"], seed=0, steps=2)
-  assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
+  s = config.model.image_size
+  assert img.shape == (1, s, s, 3) and img.dtype == np.uint8
