@@ -101,8 +101,15 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, image_token_id: in
   )
   gcfg = mmdit_lib.get_mmdit_config(m.generator)
   gcfg = mmdit_lib.get_mmdit_config(
-    m.generator, in_channels=codec.latent_channels * gcfg.latent_patch**2
+    m.generator,
+    in_channels=codec.latent_channels * gcfg.latent_patch**2,
+    attention=m.get("attention", "xla"),
   )
+  if gcfg.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+    raise ValueError(
+      f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
+      f"got {m.dtype!r}"
+    )
   kw = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
   if m.condition == "rqa":
     acfg = adapter_lib.AdapterConfig(

@@ -208,10 +208,21 @@ def rope_interleaved(x: jax.Array, angles: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- attention
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
 def dot_product_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  implementation: str = "xla",
 ) -> jax.Array:
   """Multi-head attention with grouped key/value heads; softmax in float32.
+
+  ``implementation``: "xla" (einsums below: any backend, any dtype, materialises the [B, N, L, S]
+  logits) or "cudnn" (``jax.nn.dot_product_attention``'s fused flash attention: NVIDIA GPUs,
+  bf16/fp16 inputs, no logits in memory; a fully masked query row is then undefined).
 
   Args:
     q: [B, L, N, H] queries.
@@ -226,6 +237,12 @@ def dot_product_attention(
   kh = k.shape[2]
   if n % kh:
     raise ValueError(f"query heads {n} not divisible by kv heads {kh}")
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(
+      f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+    )
   if kh != n:  # grouped-query attention: share each kv head over its group of query heads
     k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
   # Heads go first so both contractions are plain batched matmuls over (B, N): XLA's CPU

@@ -82,6 +82,9 @@ class MMDiTConfig:
   # each block starts as the identity and the model predicts 0 (DiT's adaLN-Zero). Training
   # from scratch converges much faster; imported weights overwrite the init either way.
   zero_init: bool = True
+  # Ours: the attention kernel (layers.dot_product_attention): "xla" anywhere, "cudnn" = fused
+  # flash attention on NVIDIA GPUs with a bf16 dtype. A speed choice; parameters are the same.
+  attention: str = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
@@ -105,6 +108,11 @@ class MMDiTConfig:
       )
     if self.mlp_ratio <= 0:
       raise ValueError(f"MMDiTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+    if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+        f"MMDiTConfig.attention must be one of {layers.ATTENTION_IMPLEMENTATIONS}, "
+        f"got {self.attention!r}"
+      )
     axes = self.axes_dims_rope
     if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes):
       raise ValueError(
@@ -406,6 +414,7 @@ class FluxAttention(nn.Module):
   head_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # MMDiTConfig.attention
 
   @nn.compact
   def __call__(
@@ -422,7 +431,7 @@ class FluxAttention(nn.Module):
       q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
     q = layers.rope_interleaved(q, angles)
     k = layers.rope_interleaved(k, angles)
-    out = layers.dot_product_attention(q, k, v)
+    out = layers.dot_product_attention(q, k, v, implementation=self.attention)
     out = out.reshape(*out.shape[:2], -1)  # [B, L, N*H]
     if ctx is None:
       return out
@@ -478,6 +487,7 @@ class DoubleStreamBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
+  attention: str = "xla"  # MMDiTConfig.attention
 
   @nn.compact
   def __call__(
@@ -489,7 +499,9 @@ class DoubleStreamBlock(nn.Module):
     nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
       name="norm1_context", **ada
     )(ctx, temb)
-    attn_x, attn_c = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(nx, angles, nc)
+    attn_x, attn_c = FluxAttention(
+      self.num_heads, self.head_dim, attention=self.attention, name="attn", **kw
+    )(nx, angles, nc)
     x = x + gate[:, None] * attn_x.astype(jnp.float32)
     ff = FeedForward(self.mlp_dim, name="ff", **kw)(_modulate(x, shift_mlp, scale_mlp))
     x = x + gate_mlp[:, None] * ff.astype(jnp.float32)
@@ -514,13 +526,16 @@ class SingleStreamBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
+  attention: str = "xla"  # MMDiTConfig.attention
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, angles: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, gate = AdaLayerNormZeroSingle(name="norm", zero_init=self.zero_init, **kw)(h, temb)
     mlp = layers.gelu_tanh(Dense(self.mlp_dim, ("embed", "mlp"), name="proj_mlp", **kw)(n))
-    attn = FluxAttention(self.num_heads, self.head_dim, name="attn", **kw)(n, angles)
+    attn = FluxAttention(
+      self.num_heads, self.head_dim, attention=self.attention, name="attn", **kw
+    )(n, angles)
     out = Dense(h.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(
       jnp.concatenate([attn, mlp], axis=-1)
     )
@@ -579,6 +594,7 @@ class MMDiT(nn.Module):
       head_dim=c.attention_head_dim,
       mlp_dim=c.mlp_dim,
       zero_init=c.zero_init,
+      attention=c.attention,
       **kw,
     )
     d = c.inner_dim

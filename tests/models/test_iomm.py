@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.models import iomm, layers
@@ -75,3 +76,17 @@ def test_image_tokens_stay_in_their_row_in_a_mixed_batch():
   np.testing.assert_array_equal(out[1, 1], 20.0)
   np.testing.assert_array_equal(out[1, 2], 21.0)
   np.testing.assert_array_equal(out[1, [0, 3]], 0.0)
+
+
+def test_generator_attention_kernel_from_the_config():
+  c = get_base_config()
+  c.model.adapter_heads = 4
+  assert iomm.build(c, vocab_size=64, image_token_id=6).generator.config.attention == "xla"
+  c.model.attention = "cudnn"
+  with pytest.raises(ValueError, match="config.model.dtype bfloat16"):
+    iomm.build(c, vocab_size=64, image_token_id=6)
+  c.model.dtype = "bfloat16"
+  assert iomm.build(c, vocab_size=64, image_token_id=6).generator.config.attention == "cudnn"
+  c.model.attention = "flash"
+  with pytest.raises(ValueError, match="MMDiTConfig.attention"):
+    iomm.build(c, vocab_size=64, image_token_id=6)

@@ -3,6 +3,7 @@ parameter counts of the B / L variants, joint attention and config validation.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax
@@ -298,3 +299,26 @@ def test_zero_init_starts_as_identity_blocks_predicting_zero(zero_init):
     for k, v in flat.items()
     if k.endswith("kernel") and k not in zeroed
   )
+
+
+def test_attention_implementation_is_validated():
+  with pytest.raises(ValueError, match="MMDiTConfig.attention"):
+    mmdit.get_mmdit_config("tiny", attention="flash")
+  q = jnp.zeros((1, 2, 2, 4))
+  with pytest.raises(ValueError, match="'splash'"):
+    layers.dot_product_attention(q, q, q, implementation="splash")
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != "gpu",
+  reason="cuDNN attention needs an NVIDIA GPU (benchmarks/gpu_check.sh)",
+)
+def test_cudnn_attention_matches_xla_attention_on_gpu(tiny):
+  """The fused kernel is a speed choice only: same parameters, same velocity up to bf16."""
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    cfg = dataclasses.replace(tiny["cfg"], attention=impl)
+    model = mmdit.MMDiT(cfg, dtype=jnp.bfloat16)
+    outs[impl] = np.asarray(jax.jit(model.apply)(tiny["variables"], *tiny["args"]))
+  scale = np.abs(outs["xla"]).max()
+  np.testing.assert_allclose(outs["cudnn"], outs["xla"], atol=0.03 * scale)
