@@ -25,6 +25,7 @@ setup(
       "iomm-train=iomm_jax.cli.train:main",
       "iomm-sample=iomm_jax.cli.sample:main",
       "iomm-demo=iomm_jax.cli.demo:main",
+      "iomm-eval=iomm_jax.cli.evaluate:main",
     ]
   },
 )

@@ -4,7 +4,8 @@ diagnostics that tell *why* a model fails (the measurement behind docs/RESULTS.m
   python benchmarks/shapes_score.py --workdir runs/demo/finetune [--cfg 3] [--steps 20]
       [--per-category 32] [--raw] [--seed 0]
 
-* scores: ``iomm-demo``'s evaluation (held-out prompts, ``--per-category`` images each);
+* scores: ``iomm-demo``'s evaluation (``shapes_geneval.evaluate``: held-out prompts,
+  ``--per-category`` images per category);
 * colour match: for "a photo of a {colour} {shape}" over every colour and shape (4 images each),
   the share whose dominant foreground colour is the prompt's (chance: 1 / number of colours);
 * empty: the share of those images with no foreground pixel at all (the world has no empty
@@ -22,9 +23,8 @@ import numpy as np
 from absl import flags, logging
 
 from iomm_jax import inference, runtime
-from iomm_jax.cli import demo
 from iomm_jax.data import pipeline
-from iomm_jax.eval import shapes_detector
+from iomm_jax.eval import shapes_detector, shapes_geneval
 
 
 def colour_diagnostics(config, ctx, params, seed: int) -> dict[str, float]:
@@ -70,7 +70,9 @@ def main():
   if a.steps is not None:
     config.sample.num_steps = a.steps
   config.lock()
-  scores = demo.evaluate_loaded(config, ctx, params, a.per_category, a.seed)
+  scores = shapes_geneval.evaluate(
+    config, ctx, params, per_category=a.per_category, seed=a.seed
+  ).report
   diag = colour_diagnostics(config, ctx, params, a.seed + 3)
   cats = sorted(scores["categories"])
   print(

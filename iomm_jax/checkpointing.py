@@ -137,6 +137,13 @@ def save_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Sorted steps of the finished checkpoints in ``<workdir>/checkpoints`` (orbax renames a
+  step's folder to its number only once the save is complete)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
 def find_checkpoint_dir(workdir: str, what: str) -> str:
   """Returns ``workdir`` if it holds at least one finished checkpoint, else a clear error."""
   ckpt = os.path.join(workdir, "checkpoints") if workdir else ""

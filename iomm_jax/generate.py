@@ -62,7 +62,10 @@ def _generate(
     return vu + cfg_scale * (vc - vu)
 
   h, w, c = model.latent_shape
-  noise = jax.random.normal(rng, (b, h, w, c), jnp.float32)
+  if rng.ndim == 0:  # one key for the chunk
+    noise = jax.random.normal(rng, (b, h, w, c), jnp.float32)
+  else:  # one key per row: a row's image does not depend on its batch
+    noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, c), jnp.float32))(rng)
   x0 = sampling.sample(v_fn, noise, num_steps, solver, shift)
   return codec_lib.unit_to_images(model.codec.decode(frozen["codec"], x0))
 
@@ -93,21 +96,29 @@ def generate(
     null_ids / null_valid: [L0] the unconditional prompt (for guidance).
     images: optional uint8 [B, H, W, 3] condition images (self-conditioning, editing).
     mask_ratio: share of condition image tokens zeroed (0 = all kept).
+    rng: one key (each chunk of ``batch_size`` rows folds in its offset), or [B] keys, one per
+      row, so that a row's image depends only on its key (resumable benchmark generation).
   """
   masking.check_mask_ratio(mask_ratio)
   n = len(cond_ids)
+  if rng.ndim not in (0, 1) or (rng.ndim == 1 and len(rng) != n):
+    raise ValueError(f"rng must be one key or {n} keys (one per condition row), got {rng.shape}")
   # Every chunk is padded to ``batch_size`` rows so one compiled sampler serves all calls.
   pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - len(a), axis=0)])
   outs = []
   for s in range(0, n, batch_size):
     sl = slice(s, s + batch_size)
-    key = jax.random.fold_in(rng, s)
+    if rng.ndim == 0:
+      key = jax.random.fold_in(rng, s)
+      mask_key = jax.random.fold_in(key, 1)
+    else:
+      keys = rng[sl]
+      key = jnp.concatenate([keys, jnp.repeat(keys[-1:], batch_size - len(keys), axis=0)])
+      mask_key = jax.random.fold_in(keys[0], 1)
     imgs = keep = None
     if images is not None:
       imgs = jnp.asarray(pad(images[sl]))
-      keep = masking.token_keep_mask(
-        jax.random.fold_in(key, 1), (batch_size, model.num_image_tokens), mask_ratio
-      )
+      keep = masking.token_keep_mask(mask_key, (batch_size, model.num_image_tokens), mask_ratio)
     out = _generate(
       model,
       trainable,

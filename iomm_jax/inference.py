@@ -10,16 +10,24 @@ from iomm_jax.models import iomm
 from iomm_jax.train import context, loop
 
 
-def load_generator(workdir: str, use_ema: bool = True):
-  """(config, GenerationContext, trainable params) of a trained generator workdir."""
+def load_generator(
+  workdir: str, use_ema: bool = True, step: int | None = None, max_text_len: int | None = None
+):
+  """(config, GenerationContext, trainable params) of a trained generator workdir, at its
+  checkpoint ``step`` (default: the latest). ``max_text_len`` raises the prompt token limit the
+  run was trained with (long benchmark prompts; no parameter depends on it)."""
   config = loop.load_workdir_config(workdir)
+  if max_text_len is not None:
+    if max_text_len < 1:
+      raise ValueError(f"max_text_len must be >= 1, got {max_text_len}")
+    config.model.max_text_len = max_text_len
   if config.stage not in ("pretrain", "finetune"):
     raise ValueError(
       f"{workdir!r} is a {config.stage!r} run; sample from a stage-1 or stage-2 workdir"
     )
   ctx = context.build(config)
   boxed = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
-  params = context.restore_params(workdir, boxed, which="ema" if use_ema else "params")
+  params = context.restore_params(workdir, boxed, which="ema" if use_ema else "params", step=step)
   return config, ctx, params
 
 
@@ -29,24 +37,28 @@ def sample(
   params,
   ids: np.ndarray,
   valid: np.ndarray,
-  seed: int,
+  seed: int | jax.Array,
   steps: int | None = None,
   cfg: float | None = None,
   solver: str | None = None,
   **condition,
 ) -> np.ndarray:
   """uint8 images, one per condition row, with ``config.sample``'s settings unless overridden;
-  ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows)."""
+  ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows). ``seed``: an int,
+  or one PRNG key per row (``generate.generate``'s per-row noise)."""
   s = config.sample
   null_ids, null_valid = ctx.conditioner.null_condition()
   return generate.generate(
-    ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid, jax.random.key(seed),
+    ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid,
+    jax.random.key(seed) if isinstance(seed, int) else seed,
     num_steps=steps or s.num_steps, solver=solver or s.solver,
     cfg_scale=s.cfg_scale if cfg is None else cfg, shift=s.shift, **condition,
   )  # fmt: skip
 
 
-def sample_prompts(config, ctx, params, prompts: list[str], seed: int, **kw) -> np.ndarray:
+def sample_prompts(
+  config, ctx, params, prompts: list[str], seed: int | jax.Array, **kw
+) -> np.ndarray:
   """uint8 [len(prompts), H, W, 3] images, one per text prompt (``kw`` as in ``sample``)."""
   ids, valid = ctx.conditioner.text_conditions(prompts)
   return sample(config, ctx, params, ids, valid, seed, **kw)

@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import iomm_jax
 from iomm_jax import checkpointing, inference, metrics, runtime
+from iomm_jax.cli import absl_argv
 from iomm_jax.configs import loading
-from iomm_jax.data import pipeline, shapes
-from iomm_jax.eval import shapes_detector
+from iomm_jax.eval import shapes_geneval
 from iomm_jax.train import finetune, generator, mllm, pretrain
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output directory")
@@ -40,24 +40,6 @@ _EVAL_PER_CATEGORY = flags.DEFINE_integer(
 def _config(name: str, quick: bool, **overrides):
   path = os.path.join(_EXPERIMENTS.value, f"{name}.py")
   return loading.load_config(path + (":quick" if quick else ""), overrides)
-
-
-def labelled_grid(
-  images: np.ndarray, prompts: list[str], per_row: int, scale: int = 3, label_width: int = 330
-) -> np.ndarray:
-  """Rows of ``per_row`` images (upscaled) with each row's prompt written on its left."""
-  n, h, w, _ = images.shape
-  rows = n // per_row
-  cell_h, cell_w = h * scale + 4, w * scale + 4
-  canvas = Image.new("RGB", (label_width + per_row * cell_w, rows * cell_h), "white")
-  draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default(size=14)
-  for r in range(rows):
-    draw.text((4, r * cell_h + cell_h // 2 - 6), prompts[r * per_row], fill="black", font=font)
-    for k in range(per_row):
-      tile = Image.fromarray(images[r * per_row + k]).resize((w * scale, h * scale), Image.NEAREST)
-      canvas.paste(tile, (label_width + k * cell_w + 2, r * cell_h + 2))
-  return np.asarray(canvas)
 
 
 def stage_summary(workdir: str) -> dict[str, float]:
@@ -83,37 +65,15 @@ def markdown_report(report: dict) -> str:
       f"| {k} | {st['steps']} | {st['first_loss']:.4f} | {st['last_loss']:.4f} | "
       f"{st['steps_per_s']:.2f} | {report['wall_s'][k]:.0f} |"
     )
-  cats = sorted(next(iter(report["scores"].values()))["categories"])
-  lines += ["", "| model | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
-  for name, sc in report["scores"].items():
-    lines.append(
-      f"| {name} | "
-      + " | ".join(f"{sc['categories'][c]:.2f}" for c in cats)
-      + f" | {sc['overall']:.3f} |"
-    )
+  lines += ["", shapes_geneval.markdown_table(report["scores"])]
   return "\n".join(lines)
 
 
 def evaluate(workdir: str, per_category: int, seed: int = 0) -> dict:
-  """Detector scores of a generator workdir on the held-out prompts: ``per_category`` images
-  per GenEval category (its prompts repeated with fresh noise); GenEval's JSON layout."""
-  return evaluate_loaded(*inference.load_generator(workdir), per_category, seed)
-
-
-def evaluate_loaded(config, ctx, params, per_category: int, seed: int = 0) -> dict:
-  """``evaluate`` on an already loaded generator (config, GenerationContext, parameters)."""
-  world = pipeline.world_from_config(config)
-  by_tag: dict[str, list[dict]] = {}
-  for m in shapes.eval_prompts(world, per_category=None):
-    by_tag.setdefault(m["tag"], []).append(m)
-  metas = [ms[i % len(ms)] for ms in by_tag.values() for i in range(per_category)]
-  imgs = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], seed)
-  raw = shapes_detector.score_batch(imgs, metas, world)
-  return {
-    "overall": raw["overall"],
-    "num_images": len(metas),
-    "categories": {t: raw[t] for t in by_tag},
-  }
+  """Detector scores of a generator workdir on the held-out prompts, ``per_category`` images
+  per GenEval category (``shapes_geneval``); GenEval's JSON layout."""
+  config, ctx, params = inference.load_generator(workdir)
+  return shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed).report
 
 
 def _main(argv):
@@ -145,7 +105,8 @@ def _main(argv):
   prompts = [p for p in generator.grid_prompts(config) for _ in range(per_row)]
   imgs = inference.sample_prompts(config, ctx, params, prompts, seed=1)
   grid_path = os.path.join(root, "samples.png")
-  Image.fromarray(labelled_grid(imgs, prompts, per_row)).save(grid_path)
+  rows = [(prompts[i], list(imgs[i : i + per_row])) for i in range(0, len(prompts), per_row)]
+  Image.fromarray(shapes_geneval.labelled_rows(rows)).save(grid_path)
   per_cat = 2 if quick else _EVAL_PER_CATEGORY.value
   scores = {name: evaluate(dirs[name], per_cat) for name in ("pretrain", "finetune")}
   timings["sample_and_eval"] = time.time() - s
@@ -166,7 +127,7 @@ def _main(argv):
 
 
 def main():
-  app.run(_main)
+  app.run(_main, argv=absl_argv())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iomm_jax import runtime
+from iomm_jax.cli import absl_argv
 from iomm_jax.train import finetune, mllm, pretrain
 
 LOOPS = {
@@ -36,7 +37,7 @@ def _main(argv):
 
 def main():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
+  app.run(_main, argv=absl_argv())
 
 
 if __name__ == "__main__":

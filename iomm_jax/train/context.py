@@ -42,8 +42,11 @@ def train_tokenizer(config: ml_collections.ConfigDict, path: str) -> Tokenizer:
   return Tokenizer.train(corpus + [config.model.aux_prompt], TOKENIZER_VOCAB, path or None)
 
 
-def restore_params(workdir: str, boxed_params: Any, which: str = "params") -> Any:
-  """Latest ``params`` (or ``ema``) of a finished run in ``workdir``, shaped like the template.
+def restore_params(
+  workdir: str, boxed_params: Any, which: str = "params", step: int | None = None
+) -> Any:
+  """``params`` (or ``ema``) at ``step`` (default: the latest) of a run in ``workdir``, shaped
+  like the template.
 
   The run's optimiser is rebuilt from its ``config.json`` so the saved state can be matched.
   """
@@ -54,7 +57,10 @@ def restore_params(workdir: str, boxed_params: Any, which: str = "params") -> An
   abstract = jax.eval_shape(lambda p: steps.create_state(p, optimizer), params)
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
-    state, _ = ckpt.restore(abstract)
+    saved = sorted(ckpt.manager.all_steps())
+    if step is not None and step not in saved:
+      raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; saved steps: {saved}")
+    state, _ = ckpt.restore(abstract, step=step)
   finally:
     ckpt.close()
   return getattr(state, which)

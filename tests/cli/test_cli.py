@@ -89,3 +89,78 @@ def test_sample_cli_writes_a_grid(demo, tmp_path):
     out,
   )
   assert os.path.getsize(out) > 0 and "wrote" in proc.stdout
+
+
+def test_eval_cli_writes_scores_and_failures(demo):
+  wd = os.path.join(demo[0], "finetune")
+  proc = run("iomm-eval", "--workdir", wd, "--num-per-prompt", "1", "--steps", "2")
+  with open(os.path.join(wd, "eval", "shapes_geneval.json")) as f:
+    report = json.load(f)
+  assert report["step"] == 6 and report["num_images"] == report["num_prompts"]
+  assert set(report["categories"]) == {
+    "single_object", "two_object", "counting", "colors", "position", "color_attr"
+  }  # fmt: skip
+  assert report["overall"] == sum(report["categories"].values()) / 6
+  assert "overall" in proc.stdout and "wrote" in proc.stdout
+  if report["overall"] < 1.0:
+    assert os.path.getsize(os.path.join(wd, "eval", "shapes_geneval_failures.png")) > 0
+  bad = run("iomm-eval", "--workdir", wd, "--step", "5", ok=False)
+  assert bad.returncode != 0 and "no checkpoint at step 5; saved steps: [3, 6]" in bad.stderr
+
+
+def test_sample_cli_benchmark_layouts_resume_identically(demo, tmp_path):
+  from tests.eval.test_benchmark_format import REAL_DPG, REAL_GENEVAL
+
+  wd = os.path.join(demo[0], "finetune")
+  geneval = REAL_GENEVAL
+  if not os.path.isfile(geneval):  # see tests/eval/test_benchmark_format.py
+    geneval = str(tmp_path / "meta.jsonl")
+    with open(geneval, "w") as f:
+      for p in ("a photo of a red circle", "a photo of two squares"):
+        f.write(json.dumps({"tag": "single_object", "include": [], "prompt": p}) + "\n")
+  out = str(tmp_path / "geneval")
+  common = ("--workdir", wd, "--steps", "2", "--no-progress")
+  args = ("--prompts-file", geneval, "--format", "geneval", "--outdir", out, "--limit", "2")
+  run("iomm-sample", *common, *args, "--num-per-prompt", "2", "--batch", "3")
+  assert sorted(os.listdir(out)) == ["00000", "00001"]
+  assert sorted(os.listdir(os.path.join(out, "00001", "samples"))) == ["0000.png", "0001.png"]
+  sample = os.path.join(out, "00001", "samples", "0001.png")
+  with open(sample, "rb") as f:
+    before = f.read()
+  os.remove(sample)  # an interrupted run, resumed with another batch size
+  proc = run("iomm-sample", *common, *args, "--num-per-prompt", "2", "--batch", "1")
+  assert '"generated_images": 1' in proc.stdout
+  with open(sample, "rb") as f:
+    assert f.read() == before
+
+  dpg = REAL_DPG
+  if not os.path.isdir(dpg):
+    dpg = str(tmp_path / "prompts")
+    os.makedirs(dpg)
+    with open(os.path.join(dpg, "7.txt"), "w") as f:
+      f.write("A red circle above a blue square, drawn on a white background. " * 4)
+  out = str(tmp_path / "dpg")
+  run(
+    "iomm-sample", *common, "--prompts-file", dpg, "--format", "dpg", "--outdir", out,
+    "--limit", "1", "--max-text-len", "640",
+  )  # fmt: skip
+  (name,) = os.listdir(out)
+  assert name.endswith(".png")
+
+  wise = str(tmp_path / "wise.json")
+  with open(wise, "w") as f:
+    json.dump([{"Prompt": "a photo of a red circle", "prompt_id": 11}], f)
+  out = str(tmp_path / "wise")
+  run("iomm-sample", *common, "--prompts-file", wise, "--format", "wise", "--outdir", out)
+  assert os.listdir(out) == ["11.png"]
+  bad = run("iomm-sample", "--workdir", wd, "--prompts-file", wise, "--outdir", out, ok=False)
+  assert bad.returncode != 0 and "--format" in bad.stderr
+
+
+def test_flags_take_dashes_or_underscores():
+  from iomm_jax.cli import absl_argv
+
+  argv = ["prog", "--num-per-prompt=4", "--no-ema", "--prompts-file", "a-b.json", "--config.x=y-z"]
+  assert absl_argv(argv) == [
+    "prog", "--num_per_prompt=4", "--noema", "--prompts_file", "a-b.json", "--config.x=y-z"
+  ]  # fmt: skip

@@ -1,0 +1,256 @@
+"""Benchmark-format generation: prompt files in, the folder layout each official evaluator reads
+out, for GenEval, WISE and DPG-Bench.
+
+Layouts (``outdir`` = D):
+  * ``geneval``: prompts from GenEval's ``evaluation_metadata.jsonl`` (one JSON object per line,
+    with ``prompt``); writes ``D/<5-digit line index>/metadata.jsonl`` (that line, verbatim),
+    ``D/<index>/samples/<4-digit sample>.png`` and ``D/<index>/grid.png`` (all samples).
+  * ``dpg``: a folder of ``<key>.txt`` prompt files (DPG-Bench's ``prompts/``) or one such file;
+    writes ``D/<key>.png``, a square grid of ``num_per_prompt`` samples with no padding (the
+    evaluator crops it back into equal tiles; 4 samples = 2x2).
+  * ``wise``: WISE's JSON prompt files (a list of ``{"Prompt", "prompt_id", ...}``; one file or a
+    folder of them); writes ``D/<prompt_id>.png``, one image per prompt.
+
+Every image's noise comes from ``(seed, prompt index, sample index)`` alone, so an interrupted
+run resumed later (existing images are skipped) gives the same images as one uninterrupted run.
+Files are written to a temporary name and renamed, so a crash never leaves half an image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from iomm_jax import metrics
+
+FORMATS = ("geneval", "wise", "dpg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One benchmark prompt: its output name, text, position in the file(s), and (GenEval) the
+  metadata line to copy verbatim."""
+
+  key: str
+  prompt: str
+  index: int
+  line: str | None = None
+
+
+def _read_geneval(path: str) -> list[Item]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GenEval prompts: {path!r} is not a file (evaluation_metadata.jsonl)")
+  items = []
+  with open(path) as f:
+    for i, line in enumerate(f):
+      line = line.rstrip("\n")
+      if not line.strip():
+        raise ValueError(f"{path}:{i + 1}: empty line (every line is one prompt's metadata)")
+      try:
+        meta = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
+      if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+        raise ValueError(f'{path}:{i + 1}: no "prompt" string in {line[:80]!r}')
+      items.append(Item(f"{i:05d}", meta["prompt"], i, line))
+  return items
+
+
+def _read_dpg(path: str) -> list[Item]:
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.txt")))
+    if not files:
+      raise FileNotFoundError(f"DPG prompts: {path!r} holds no <key>.txt prompt files")
+  elif os.path.isfile(path) and path.endswith(".txt"):
+    files = [path]
+  else:
+    raise FileNotFoundError(f"DPG prompts: {path!r} is neither a folder of .txt files nor one")
+  items = []
+  for i, f in enumerate(files):
+    with open(f) as fh:
+      prompt = fh.read().strip()
+    if not prompt:
+      raise ValueError(f"DPG prompt file {f!r} is empty")
+    items.append(Item(os.path.splitext(os.path.basename(f))[0], prompt, i))
+  return items
+
+
+def _read_wise(path: str) -> list[Item]:
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.json")))
+    if not files:
+      raise FileNotFoundError(f"WISE prompts: {path!r} holds no .json prompt files")
+  elif os.path.isfile(path):
+    files = [path]
+  else:
+    raise FileNotFoundError(f"WISE prompts: {path!r} does not exist")
+  items, seen = [], {}
+  for f in files:
+    with open(f) as fh:
+      try:
+        rows = json.load(fh)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"WISE prompt file {f!r} is not JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+      raise ValueError(f"WISE prompt file {f!r} must hold a JSON list of prompts")
+    for j, row in enumerate(rows):
+      if not isinstance(row, dict) or "Prompt" not in row or "prompt_id" not in row:
+        raise ValueError(f'{f}: entry {j} lacks "Prompt" or "prompt_id"')
+      key = str(row["prompt_id"])
+      if key in seen:
+        raise ValueError(f"{f}: prompt_id {key!r} repeats one of {seen[key]!r}")
+      seen[key] = f
+      items.append(Item(key, str(row["Prompt"]), len(items)))
+  return items
+
+
+READERS: dict[str, Callable[[str], list[Item]]] = {
+  "geneval": _read_geneval,
+  "wise": _read_wise,
+  "dpg": _read_dpg,
+}
+
+
+def read_prompts(path: str, fmt: str) -> list[Item]:
+  """The benchmark's prompts from ``path`` (see the module docstring), in file order."""
+  if fmt not in READERS:
+    raise ValueError(f"unknown benchmark format {fmt!r}; choose from {FORMATS}")
+  return READERS[fmt](path)
+
+
+def check_count(fmt: str, num_per_prompt: int) -> None:
+  """The sample counts each evaluator accepts."""
+  if num_per_prompt < 1:
+    raise ValueError(f"--num_per_prompt must be >= 1, got {num_per_prompt}")
+  if fmt == "wise" and num_per_prompt != 1:
+    raise ValueError(
+      f"WISE scores one image per prompt: --num_per_prompt must be 1, got {num_per_prompt}"
+    )
+  if fmt == "dpg" and math.isqrt(num_per_prompt) ** 2 != num_per_prompt:
+    raise ValueError(
+      f"DPG-Bench reads a square grid of samples: --num_per_prompt must be a square "
+      f"(1, 4, 9, ...), got {num_per_prompt}"
+    )
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+  tmp = path + ".tmp.png"
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)
+
+
+def _save_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class Writer:
+  """Where each (item, sample) goes for one format, what already exists, and how to write it.
+
+  A *unit* is what is written at once: one sample (GenEval) or one prompt's whole grid (DPG,
+  WISE). ``pending`` lists the units still missing.
+  """
+
+  def __init__(self, fmt: str, outdir: str, num_per_prompt: int):
+    check_count(fmt, num_per_prompt)
+    self.fmt, self.outdir, self.n = fmt, outdir, num_per_prompt
+
+  def _sample_path(self, item: Item, j: int) -> str:
+    return os.path.join(self.outdir, item.key, "samples", f"{j:04d}.png")
+
+  def _image_path(self, item: Item) -> str:
+    return os.path.join(self.outdir, f"{item.key}.png")
+
+  def pending(self, items: list[Item]) -> list[tuple[Item, list[int]]]:
+    """(item, sample indices to generate) for every item with missing output."""
+    out = []
+    for item in items:
+      if self.fmt == "geneval":
+        missing = [j for j in range(self.n) if not os.path.exists(self._sample_path(item, j))]
+      else:
+        missing = [] if os.path.exists(self._image_path(item)) else list(range(self.n))
+      if missing:
+        out.append((item, missing))
+    return out
+
+  def write(self, item: Item, samples: dict[int, np.ndarray]) -> None:
+    """Writes the generated ``samples`` (sample index -> uint8 image) of ``item``."""
+    os.makedirs(self.outdir, exist_ok=True)
+    if self.fmt == "geneval":
+      folder = os.path.join(self.outdir, item.key)
+      os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+      meta = os.path.join(folder, "metadata.jsonl")
+      if not os.path.exists(meta):
+        _save_text(meta, item.line + "\n")
+      for j, img in samples.items():
+        _save_png(self._sample_path(item, j), img)
+      paths = [self._sample_path(item, j) for j in range(self.n)]
+      if all(os.path.exists(p) for p in paths):
+        imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        _save_png(os.path.join(folder, "grid.png"), metrics.image_grid(imgs, rows=1))
+      return
+    imgs = np.stack([samples[j] for j in range(self.n)])
+    side = math.isqrt(self.n)
+    _save_png(self._image_path(item), metrics.image_grid(imgs, rows=side, pad=0))
+
+
+def jobs(
+  pending: list[tuple[Item, list[int]]], batch: int
+) -> Iterator[list[tuple[Item, int, bool]]]:
+  """Batches of (item, sample index, last sample of the item) over the pending units."""
+  flat = [(item, j, k == len(js) - 1) for item, js in pending for k, j in enumerate(js)]
+  for s in range(0, len(flat), batch):
+    yield flat[s : s + batch]
+
+
+def sample_keys(seed: int, items_and_samples: list[tuple[Item, int]]):
+  """One PRNG key per (item, sample index): fold_in(fold_in(key(seed), item.index), sample)."""
+  base = jax.random.key(seed)
+  return jnp.stack(
+    [jax.random.fold_in(jax.random.fold_in(base, it.index), j) for it, j in items_and_samples]
+  )
+
+
+def generate(
+  sample_fn: Callable[[list[str], object], np.ndarray],
+  items: list[Item],
+  writer: Writer,
+  seed: int,
+  batch: int,
+  progress: bool = True,
+) -> dict[str, int]:
+  """Generates every missing unit of ``items`` with ``sample_fn(prompts, keys) -> uint8
+  images`` in batches of ``batch`` images and writes them; returns counts of prompts done
+  before and now, and images generated."""
+  if batch < 1:
+    raise ValueError(f"--batch must be >= 1, got {batch}")
+  pending = writer.pending(items)
+  total = sum(len(js) for _, js in pending)
+  bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{writer.fmt} -> {writer.outdir}")
+  buffers: dict[str, dict[int, np.ndarray]] = {}
+  for chunk in jobs(pending, batch):
+    keys = sample_keys(seed, [(it, j) for it, j, _ in chunk])
+    images = sample_fn([it.prompt for it, _, _ in chunk], keys)
+    for (item, j, last), img in zip(chunk, images, strict=True):
+      buffers.setdefault(item.key, {})[j] = img
+      if last:
+        writer.write(item, buffers.pop(item.key))
+    bar.update(len(chunk))
+  bar.close()
+  return {
+    "prompts": len(items),
+    "skipped_prompts": len(items) - len(pending),
+    "generated_images": total,
+  }
