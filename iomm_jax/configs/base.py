@@ -90,7 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.num_steps = 1000  # total training steps of this stage
   t.ema_decay = 0.999  # EMA decay of trainable parameters (paper: 0.999; 0 = off)
   t.ema_warmup = True  # use min(decay, (1 + step) / (10 + step)) so short runs track
-  t.init_from = ""  # stage 2: workdir of the stage-1 run to initialise from
+  t.init_from = ""  # stage 2: workdir of the stage-1 run to start from ("scratch": random init)
   t.log_every = 50  # steps between metric writes
   t.ckpt_every = 500  # steps between checkpoints (and one at the end)
   t.keep_checkpoints = 2  # checkpoints kept in the workdir

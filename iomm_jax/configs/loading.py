@@ -88,7 +88,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.stage == "finetune" and not t.init_from:
     raise ValueError(
       "config.train.init_from is empty: a fine-tune (stage 2) starts from a "
-      "stage-1 checkpoint; pass --config.train.init_from=<stage-1 workdir>"
+      "stage-1 checkpoint; pass --config.train.init_from=<stage-1 workdir> (or 'scratch' "
+      "for a randomly initialised ablation)"
     )
   if (
     config.stage in ("pretrain", "finetune")

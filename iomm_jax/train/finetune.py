@@ -1,5 +1,8 @@
 """Stage 2: mixed fine-tuning (paper §3.2): a share lambda of image-only samples as in stage 1,
 the rest text-image pairs conditioned on their captions; initialised from a stage-1 checkpoint.
+
+``config.train.init_from='scratch'`` starts from a random init instead: the study's arms without
+image-only pre-training, and pre-training on pairs (lambda = 0) in Table 9's recipes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"stage-2 loop given config.stage={config.stage!r}")
   src = config.train.init_from
   loop.prepare_workdir(config, workdir)  # validates init_from before anything else
+  if src == "scratch":
+    run = generator.setup(config, workdir, sample_kind="text")
+    return loop.run(run)
   checkpointing.find_checkpoint_dir(src, "config.train.init_from")
   checkpointing.check_model_signature(loop.load_workdir_config(src).model.to_dict(), config, src)
 

@@ -1,0 +1,16 @@
+"""Study question 2: the stage-1 mask ratio r (then the same stage 2, r = 0.85, lambda = 0.5).
+
+  python experiments/shapes/study/q2_mask_ratio.py [--scale small] [--seeds 0 1] [--write-docs]
+
+Paper: r = 0.85 for IOMM-B/L (0.45 for XL); r = 0 lets stage 1 copy its condition.
+"""
+
+from iomm_jax.study import Arm, main
+
+ARMS = [
+  Arm(f"r={r}", pretrain_overrides=(("diffusion.mask_ratio", r),))
+  for r in (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)
+]
+
+if __name__ == "__main__":
+  main("q2", "Q2: stage-1 mask ratio", ARMS, "experiments/shapes/study/q2_mask_ratio.py")

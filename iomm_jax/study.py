@@ -1,0 +1,289 @@
+"""The paper's recipe study in miniature, on the shapes world (paper.md §4; issue 3).
+
+A *question* is a list of ``Arm``s; every arm trains a stage-1-like run and a stage-2 run from
+the shapes experiment files at one ``Scale`` (equal steps across arms), for several seeds, then
+scores the stage-2 model with the shapes GenEval (``eval.shapes_geneval``). ``run_question``
+returns per-arm means and spreads; ``main`` is the command line of the scripts under
+``experiments/shapes/study/``, which also writes the table into docs/RESULTS.md and a PNG plot.
+
+Work is cached and resumable: one stage-0 MLLM serves the whole study (it stands in for the
+off-the-shelf InternVL3), a stage-1 run is shared by every arm (and question) that asks for the
+same one, and finished runs and evaluations are reused when a script is re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from iomm_jax import checkpointing, inference
+from iomm_jax.configs import loading
+from iomm_jax.data import shapes
+from iomm_jax.eval import shapes_geneval
+from iomm_jax.train import finetune, mllm, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments", "shapes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How big every arm is: stage-0, stage-1 and stage-2 steps, and evaluation images."""
+
+  name: str
+  mllm_steps: int
+  pretrain_steps: int
+  finetune_steps: int
+  num_per_prompt: int
+  quick: bool = False  # the experiment files' ``:quick`` variants (CI miniature)
+
+
+SCALES = {
+  "quick": Scale("quick", 6, 6, 6, 1, quick=True),
+  "small": Scale("small", 300, 600, 600, 2),
+  "demo": Scale("demo", 300, 1800, 1800, 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One point of a question.
+
+  pretrain: "image" (stage 1: image-only, masked self-conditioning), "pair" (the stage-2 loop
+    on text-image pairs only, lambda = 0, from scratch, stage-1 steps and batch) or None (no
+    pre-training: stage 2 starts from a random init).
+  both / pretrain_overrides / finetune_overrides: dotted config overrides of both stages / one.
+  """
+
+  name: str
+  pretrain: str | None = "image"
+  both: tuple[tuple[str, Any], ...] = ()
+  pretrain_overrides: tuple[tuple[str, Any], ...] = ()
+  finetune_overrides: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    if self.pretrain not in ("image", "pair", None):
+      raise ValueError(f"Arm {self.name!r}: pretrain={self.pretrain!r} not 'image', 'pair' or None")
+
+
+def _spec(name: str, scale: Scale, steps: int) -> str:
+  path = os.path.join(EXPERIMENTS, f"{name}.py")
+  return f"{path}:quick" if scale.quick else f"{path}:steps={steps}"
+
+
+def _slug(items: tuple[tuple[str, Any], ...]) -> str:
+  return "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", f"{k.split('.')[-1]}={v}") for k, v in items)
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+  return num_steps in checkpointing.saved_steps(workdir)
+
+
+def _train(stage_fn, config, workdir: str) -> None:
+  if not _finished(workdir, config.train.num_steps):
+    stage_fn(config, workdir)
+
+
+def mllm_dir(root: str, scale: Scale) -> str:
+  """Trains (once) the study's frozen stage-0 MLLM; returns its workdir."""
+  wd = os.path.join(root, "mllm")
+  _train(mllm.train_and_evaluate, loading.load_config(_spec("mllm", scale, scale.mllm_steps)), wd)
+  return wd
+
+
+def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -> str | None:
+  """Trains (or reuses) the arm's pre-training run; None if the arm has none."""
+  if arm.pretrain is None:
+    return None
+  items = arm.both + arm.pretrain_overrides
+  wd = os.path.join(
+    root, "pretrain", "-".join(filter(None, [arm.pretrain, _slug(items)])) + f"-s{seed}"
+  )
+  common = {"seed": seed, "model.mllm_from": mllm_from, **dict(items)}
+  if arm.pretrain == "image":
+    c = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps), common)
+    _train(pretrain.train_and_evaluate, c, wd)
+  else:  # pairs only: the stage-2 loop with lambda = 0, at stage 1's steps and batch
+    batch = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps)).train.batch_size
+    c = loading.load_config(
+      _spec("finetune", scale, scale.pretrain_steps),
+      {
+        **common,
+        "diffusion.mix_ratio": 0.0,
+        "train.init_from": "scratch",
+        "train.batch_size": batch,
+      },
+    )
+    _train(finetune.train_and_evaluate, c, wd)
+  return wd
+
+
+def run_arm(arm: Arm, seed: int, scale: Scale, root: str, question: str) -> dict[str, Any]:
+  """Trains an arm's two stages for one seed and returns its shapes-GenEval report."""
+  mllm_from = mllm_dir(root, scale)
+  src = pretrain_dir(arm, seed, scale, root, mllm_from)
+  wd = os.path.join(root, question, f"{_slug((('arm', arm.name),))}-s{seed}")
+  overrides = {
+    "seed": seed,
+    "model.mllm_from": mllm_from,
+    "train.init_from": src or "scratch",
+    **dict(arm.both + arm.finetune_overrides),
+  }
+  c = loading.load_config(_spec("finetune", scale, scale.finetune_steps), overrides)
+  _train(finetune.train_and_evaluate, c, wd)
+  path = os.path.join(wd, "eval", f"study_{scale.num_per_prompt}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  config, ctx, params = inference.load_generator(wd)
+  report = shapes_geneval.evaluate(
+    config, ctx, params, num_per_prompt=scale.num_per_prompt, seed=0
+  ).report
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  checkpointing.save_json(path, report)
+  return report
+
+
+def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean and standard deviation (over seeds) of the overall and per-category scores."""
+  overall = np.array([r["overall"] for r in reports])
+  cats = sorted(reports[0]["categories"])
+  return {
+    "overall_mean": float(overall.mean()),
+    "overall_std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
+    "overall": overall.tolist(),
+    "categories": {c: float(np.mean([r["categories"][c] for r in reports])) for c in cats},
+    "seeds": len(reports),
+  }
+
+
+def run_question(
+  question: str, arms: list[Arm], seeds: list[int], scale: Scale, root: str, log=print
+) -> dict[str, dict[str, Any]]:
+  """Every arm x seed; returns arm name -> ``summarise`` of its seeds."""
+  names = [a.name for a in arms]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{question}: arm names repeat: {names}")
+  out = {}
+  for arm in arms:
+    reports = []
+    for seed in seeds:
+      t = time.time()
+      reports.append(run_arm(arm, seed, scale, root, question))
+      log(f"[{question}] {arm.name} seed {seed}: overall {reports[-1]['overall']:.3f} "
+          f"({time.time() - t:.0f} s)")  # fmt: skip
+    out[arm.name] = summarise(reports)
+  return out
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+  """The question's table: overall mean +- sd over seeds, then the per-category means."""
+  cats = list(shapes.CATEGORIES)
+  lines = [
+    "| arm | overall (mean ± sd) | seeds | " + " | ".join(cats) + " |",
+    "|---" * (len(cats) + 3) + "|",
+  ]
+  for name, r in results.items():
+    cells = " | ".join(f"{r['categories'][c]:.3f}" for c in cats)
+    lines.append(
+      f"| {name} | {r['overall_mean']:.3f} ± {r['overall_std']:.3f} | {r['seeds']} | {cells} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], title: str, path: str) -> None:
+  """Horizontal bars of the overall score per arm, whiskers +- one sd, seeds as dots."""
+  names = list(results)
+  font = ImageFont.load_default(size=14)
+  left, bar_w, row_h, top = 230, 420, 30, 40
+  hi = max(0.05, max(r["overall_mean"] + r["overall_std"] for r in results.values())) * 1.15
+  img = Image.new("RGB", (left + bar_w + 80, top + row_h * len(names) + 40), "white")
+  d = ImageDraw.Draw(img)
+  d.text((10, 10), title, fill="black", font=font)
+  x = lambda v: left + int(bar_w * v / hi)
+  for i, n in enumerate(names):
+    r, y = results[n], top + i * row_h
+    d.text((10, y + 6), n, fill="black", font=font)
+    d.rectangle((left, y + 5, x(r["overall_mean"]), y + row_h - 5), fill=(90, 130, 200))
+    lo_, hi_ = r["overall_mean"] - r["overall_std"], r["overall_mean"] + r["overall_std"]
+    d.line((x(max(lo_, 0)), y + row_h // 2, x(hi_), y + row_h // 2), fill="black", width=2)
+    for v in r["overall"]:
+      d.ellipse((x(v) - 3, y + row_h // 2 - 3, x(v) + 3, y + row_h // 2 + 3), fill=(220, 80, 40))
+    d.text((x(hi_) + 6, y + 6), f"{r['overall_mean']:.3f}", fill="black", font=font)
+  y = top + row_h * len(names) + 8
+  d.line((left, y, left + bar_w, y), fill="black")
+  for k in range(5):
+    v = hi * k / 4
+    d.text((x(v) - 10, y + 4), f"{v:.2f}", fill="black", font=font)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  img.save(path)
+
+
+def write_docs(doc: str, question: str, section: str) -> None:
+  """Replaces (or appends) the ``<!-- study:<question> -->`` section of ``doc``."""
+  begin, end = f"<!-- study:{question} begin -->", f"<!-- study:{question} end -->"
+  text = open(doc).read() if os.path.exists(doc) else ""
+  block = f"{begin}\n{section.strip()}\n{end}"
+  if begin in text and end in text:
+    text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  tmp = doc + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, doc)
+
+
+def main(question: str, title: str, arms: list[Arm], script: str, argv=None) -> dict:
+  """Command line of a study script: trains, evaluates, prints and optionally documents."""
+  p = argparse.ArgumentParser(description=title)
+  p.add_argument("--scale", default="small", choices=sorted(SCALES))
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  p.add_argument("--root", default="runs/study", help="workdirs (shared by every question)")
+  p.add_argument("--arms", nargs="*", help="only these arms (default: all)")
+  p.add_argument("--write-docs", action="store_true", help="table into docs/RESULTS.md + plot")
+  a = p.parse_args(argv)
+  from absl import flags, logging
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+  logging.set_verbosity(logging.WARNING)
+  from iomm_jax import runtime
+
+  runtime.enable_compilation_cache()
+  chosen = [x for x in arms if not a.arms or x.name in a.arms]
+  if a.arms and len(chosen) != len(a.arms):
+    raise SystemExit(f"unknown arm in {a.arms}; arms: {[x.name for x in arms]}")
+  scale = SCALES[a.scale]
+  t0 = time.time()
+  results = run_question(question, chosen, a.seeds, scale, a.root)
+  wall = time.time() - t0
+  table = markdown(results)
+  print(table)
+  out = os.path.join(a.root, question)
+  os.makedirs(out, exist_ok=True)
+  checkpointing.save_json(os.path.join(out, f"results_{scale.name}.json"), results)
+  if a.write_docs:
+    png = os.path.join(ROOT, "docs", "study", f"{question}_{scale.name}.png")
+    plot(results, f"{title} ({scale.name} scale, {len(a.seeds)} seeds)", png)
+    cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, a.seeds))} --write-docs"
+    section = (
+      f"### {title}\n\n"
+      f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps, stage 2 "
+      f"{scale.finetune_steps} steps per arm, shapes GenEval with {scale.num_per_prompt} images "
+      f"per held-out prompt; seeds {a.seeds}. {platform.node()} ({os.cpu_count()} CPUs), "
+      f"{datetime.date.today()}, {wall / 60:.0f} min for this invocation (cached runs reused).\n\n"
+      f"`{cmd}`\n\n{table}\n\n![{question}](study/{os.path.basename(png)})\n"
+    )
+    write_docs(os.path.join(ROOT, "docs", "RESULTS.md"), f"{question}_{scale.name}", section)
+  return results

@@ -1,0 +1,79 @@
+"""The recipe study's runner (``iomm_jax.study``) and a one-seed miniature of question 1."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iomm_jax import study
+from tests.conftest import ROOT
+
+
+def _report(overall: float) -> dict:
+  cats = {"single_object": overall, "two_object": 0.0, "counting": 1.0, "colors": 0.5,
+          "position": 0.0, "color_attr": 0.25}  # fmt: skip
+  return {"overall": overall, "categories": cats}
+
+
+def test_summarise_markdown_plot_and_docs(tmp_path):
+  s = study.summarise([_report(0.2), _report(0.4)])
+  assert s["overall_mean"] == pytest.approx(0.3) and s["seeds"] == 2
+  assert s["overall_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+  assert s["categories"]["counting"] == 1.0
+  results = {"A->B": s, "C->D": study.summarise([_report(0.1)])}
+  table = study.markdown(results)
+  assert "| A->B | 0.300 ± 0.141 | 2 |" in table and "| C->D | 0.100 ± 0.000 | 1 |" in table
+  png = str(tmp_path / "plot.png")
+  study.plot(results, "title", png)
+  assert Image.open(png).size[0] > 0
+  doc = str(tmp_path / "RESULTS.md")
+  with open(doc, "w") as f:
+    f.write("# Results\n\nkeep me\n")
+  study.write_docs(doc, "q1_small", "table one")
+  study.write_docs(doc, "q2_small", "table two")
+  study.write_docs(doc, "q1_small", "table one, again")
+  text = open(doc).read()
+  assert "keep me" in text and "table two" in text and "table one, again" in text
+  assert "table one\n" not in text and text.count("<!-- study:q1_small begin -->") == 1
+
+
+def test_arm_validation():
+  with pytest.raises(ValueError, match="pretrain='text'"):
+    study.Arm("x", pretrain="text")
+  with pytest.raises(ValueError, match="arm names repeat"):
+    study.run_question(
+      "q", [study.Arm("a"), study.Arm("a")], [0], study.SCALES["quick"], "/nonexistent"
+    )
+
+
+def test_question_1_miniature(tmp_path):
+  """CI's one-seed miniature of question 1: all six recipes train, evaluate and tabulate."""
+  path = os.path.join(ROOT, "experiments", "shapes", "study", "q1_recipes.py")
+  spec = importlib.util.spec_from_file_location("q1_recipes", path)
+  q1 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(q1)
+  root = str(tmp_path)
+  results = study.main(
+    "q1", "Q1", q1.ARMS, path, ["--scale", "quick", "--seeds", "0", "--root", root]
+  )
+  assert list(results) == [
+    "Image->Image", "Image->Pair", "Image->Mix", "Pair->Image", "Pair->Pair", "Pair->Mix"
+  ]  # fmt: skip
+  for r in results.values():
+    assert 0.0 <= r["overall_mean"] <= 1.0 and r["seeds"] == 1
+  # two pre-training runs (image, pair) serve the six recipes
+  assert sorted(os.listdir(os.path.join(root, "pretrain"))) == ["image-s0", "pair-s0"]
+  with open(os.path.join(root, "pretrain", "pair-s0", "config.json")) as f:
+    pair = json.load(f)
+  assert pair["diffusion"]["mix_ratio"] == 0.0 and pair["train"]["init_from"] == "scratch"
+  with open(os.path.join(root, "q1", "arm_Image_Mix-s0", "config.json")) as f:
+    mix = json.load(f)
+  assert mix["diffusion"]["mix_ratio"] == 0.5
+  assert mix["train"]["init_from"] == os.path.join(root, "pretrain", "image-s0")
+  with open(os.path.join(root, "q1", "results_quick.json")) as f:
+    assert set(json.load(f)) == set(results)
