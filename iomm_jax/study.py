@@ -28,8 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from iomm_jax import checkpointing, inference
 from iomm_jax.configs import loading
-from iomm_jax.data import shapes
-from iomm_jax.eval import shapes_geneval
+from iomm_jax.eval import shapes_editing, shapes_geneval
 from iomm_jax.train import finetune, mllm, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +44,14 @@ class Scale:
   pretrain_steps: int
   finetune_steps: int
   num_per_prompt: int
+  edits_per_kind: int  # zero-shot editing tasks per kind (question 7)
   quick: bool = False  # the experiment files' ``:quick`` variants (CI miniature)
 
 
 SCALES = {
-  "quick": Scale("quick", 6, 6, 6, 1, quick=True),
-  "small": Scale("small", 300, 600, 600, 2),
-  "demo": Scale("demo", 300, 1800, 1800, 4),
+  "quick": Scale("quick", 6, 6, 6, 1, 2, quick=True),
+  "small": Scale("small", 300, 600, 600, 2, 32),
+  "demo": Scale("demo", 300, 1800, 1800, 4, 64),
 }
 
 
@@ -128,8 +128,35 @@ def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -
   return wd
 
 
-def run_arm(arm: Arm, seed: int, scale: Scale, root: str, question: str) -> dict[str, Any]:
-  """Trains an arm's two stages for one seed and returns its shapes-GenEval report."""
+METRICS = ("geneval", "editing")
+
+
+def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
+  """A finished stage-2 run's report (cached in its eval/ folder): ``overall`` plus a flat
+  ``categories`` dict, for the shapes GenEval or for zero-shot editing."""
+  n = scale.num_per_prompt if metric == "geneval" else scale.edits_per_kind
+  path = os.path.join(wd, "eval", f"study_{metric}_{n}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  config, ctx, params = inference.load_generator(wd)
+  if metric == "geneval":
+    report = shapes_geneval.evaluate(config, ctx, params, num_per_prompt=n, seed=0).report
+  else:
+    r = shapes_editing.evaluate(config, ctx, params, per_kind=n, seed=0)
+    cats = {f"{k} success": v["success"] for k, v in r["kinds"].items()}
+    cats.update({f"{k} preservation": v["preservation"] for k, v in r["kinds"].items()})
+    report = {"overall": r["success"], "categories": cats, "raw": r}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  checkpointing.save_json(path, report)
+  return report
+
+
+def run_arm(
+  arm: Arm, seed: int, scale: Scale, root: str, question: str, metric: str = "geneval"
+) -> dict[str, Any]:
+  """Trains an arm's two stages for one seed (runs live under ``root/question``) and returns
+  the stage-2 model's report for ``metric``."""
   mllm_from = mllm_dir(root, scale)
   src = pretrain_dir(arm, seed, scale, root, mllm_from)
   wd = os.path.join(root, question, f"{_slug((('arm', arm.name),))}-s{seed}")
@@ -141,23 +168,13 @@ def run_arm(arm: Arm, seed: int, scale: Scale, root: str, question: str) -> dict
   }
   c = loading.load_config(_spec("finetune", scale, scale.finetune_steps), overrides)
   _train(finetune.train_and_evaluate, c, wd)
-  path = os.path.join(wd, "eval", f"study_{scale.num_per_prompt}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  config, ctx, params = inference.load_generator(wd)
-  report = shapes_geneval.evaluate(
-    config, ctx, params, num_per_prompt=scale.num_per_prompt, seed=0
-  ).report
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  checkpointing.save_json(path, report)
-  return report
+  return _evaluate(wd, scale, metric)
 
 
 def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
   """Mean and standard deviation (over seeds) of the overall and per-category scores."""
   overall = np.array([r["overall"] for r in reports])
-  cats = sorted(reports[0]["categories"])
+  cats = list(reports[0]["categories"])
   return {
     "overall_mean": float(overall.mean()),
     "overall_std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
@@ -168,9 +185,19 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_question(
-  question: str, arms: list[Arm], seeds: list[int], scale: Scale, root: str, log=print
+  question: str,
+  arms: list[Arm],
+  seeds: list[int],
+  scale: Scale,
+  root: str,
+  log=print,
+  metric: str = "geneval",
+  runs: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-  """Every arm x seed; returns arm name -> ``summarise`` of its seeds."""
+  """Every arm x seed; returns arm name -> ``summarise`` of its seeds. ``runs``: the question
+  whose trained runs to use (default: this one; question 7 scores question 1's models)."""
+  if metric not in METRICS:
+    raise ValueError(f"metric {metric!r} not one of {METRICS}")
   names = [a.name for a in arms]
   if len(set(names)) != len(names):
     raise ValueError(f"{question}: arm names repeat: {names}")
@@ -179,18 +206,18 @@ def run_question(
     reports = []
     for seed in seeds:
       t = time.time()
-      reports.append(run_arm(arm, seed, scale, root, question))
+      reports.append(run_arm(arm, seed, scale, root, runs or question, metric))
       log(f"[{question}] {arm.name} seed {seed}: overall {reports[-1]['overall']:.3f} "
           f"({time.time() - t:.0f} s)")  # fmt: skip
     out[arm.name] = summarise(reports)
   return out
 
 
-def markdown(results: dict[str, dict[str, Any]]) -> str:
+def markdown(results: dict[str, dict[str, Any]], overall: str = "overall") -> str:
   """The question's table: overall mean +- sd over seeds, then the per-category means."""
-  cats = list(shapes.CATEGORIES)
+  cats = list(next(iter(results.values()))["categories"])
   lines = [
-    "| arm | overall (mean ± sd) | seeds | " + " | ".join(cats) + " |",
+    f"| arm | {overall} (mean ± sd) | seeds | " + " | ".join(cats) + " |",
     "|---" * (len(cats) + 3) + "|",
   ]
   for name, r in results.items():
@@ -244,7 +271,15 @@ def write_docs(doc: str, question: str, section: str) -> None:
   os.replace(tmp, doc)
 
 
-def main(question: str, title: str, arms: list[Arm], script: str, argv=None) -> dict:
+def main(
+  question: str,
+  title: str,
+  arms: list[Arm],
+  script: str,
+  argv=None,
+  metric: str = "geneval",
+  runs: str | None = None,
+) -> dict:
   """Command line of a study script: trains, evaluates, prints and optionally documents."""
   p = argparse.ArgumentParser(description=title)
   p.add_argument("--scale", default="small", choices=sorted(SCALES))
@@ -266,9 +301,9 @@ def main(question: str, title: str, arms: list[Arm], script: str, argv=None) -> 
     raise SystemExit(f"unknown arm in {a.arms}; arms: {[x.name for x in arms]}")
   scale = SCALES[a.scale]
   t0 = time.time()
-  results = run_question(question, chosen, a.seeds, scale, a.root)
+  results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
   wall = time.time() - t0
-  table = markdown(results)
+  table = markdown(results, "overall" if metric == "geneval" else "edit success")
   print(table)
   out = os.path.join(a.root, question)
   os.makedirs(out, exist_ok=True)
@@ -280,8 +315,13 @@ def main(question: str, title: str, arms: list[Arm], script: str, argv=None) -> 
     section = (
       f"### {title}\n\n"
       f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps, stage 2 "
-      f"{scale.finetune_steps} steps per arm, shapes GenEval with {scale.num_per_prompt} images "
-      f"per held-out prompt; seeds {a.seeds}. {platform.node()} ({os.cpu_count()} CPUs), "
+      f"{scale.finetune_steps} steps per arm; "
+      + (
+        f"shapes GenEval with {scale.num_per_prompt} images per held-out prompt"
+        if metric == "geneval"
+        else f"{scale.edits_per_kind} zero-shot edits per kind"
+      )
+      + f"; seeds {a.seeds}. {platform.node()} ({os.cpu_count()} CPUs), "
       f"{datetime.date.today()}, {wall / 60:.0f} min for this invocation (cached runs reused).\n\n"
       f"`{cmd}`\n\n{table}\n\n![{question}](study/{os.path.basename(png)})\n"
     )

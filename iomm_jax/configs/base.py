@@ -22,7 +22,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.mllm = "tiny"  # MLLM_VARIANTS name (frozen understanding model)
   m.generator = "tiny"  # MMDIT_VARIANTS name (the MM-DiT generator)
-  m.condition = "rqa"  # "rqa" (Residual Query Adapter) or "queries" (input-independent, MetaQuery)
+  m.condition = "rqa"  # "rqa" (Residual Query Adapter), "queries" (MetaQuery style) or "raw"
   m.num_queries = 256  # learned query tokens appended to the MLLM input
   m.adapter_heads = 12  # RQA cross-attention heads
   m.adapter_layers = 1  # RQA blocks

@@ -35,7 +35,11 @@ from iomm_jax.models import mmdit as mmdit_lib
 # ImageNet statistics used by InternViT's preprocessing.
 VIT_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 VIT_STD = np.array([0.229, 0.224, 0.225], np.float32)
-CONDITIONS = ("rqa", "queries")
+# How the generator's condition is read off the frozen MLLM (paper §4.3's ablation):
+#   "rqa": Residual Query Adapter queries appended to the input (the paper's method);
+#   "queries": input-independent learned queries (MetaQuery style);
+#   "raw": no queries: the MLLM's last hidden states of the input tokens themselves.
+CONDITIONS = ("rqa", "queries", "raw")
 
 
 class LearnedQueries(nn.Module):
@@ -63,7 +67,7 @@ class IOMM:
   """The static half of the model: Linen modules and sizes, no parameters."""
 
   mllm: mllm_lib.InternVLModel
-  adapter: nn.Module
+  adapter: nn.Module | None  # None: condition "raw" (no queries, no adapter parameters)
   connector: adapter_lib.Connector
   generator: mmdit_lib.MMDiT
   codec: Any
@@ -120,8 +124,10 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, image_token_id: in
       mlp_ratio=m.adapter_mlp_ratio,
     )
     adapter = adapter_lib.ResidualQueryAdapter(acfg, **kw)
-  else:
+  elif m.condition == "queries":
     adapter = LearnedQueries(m.num_queries, width, param_dtype=kw["param_dtype"])
+  else:
+    adapter = None
   ccfg = adapter_lib.ConnectorConfig(
     kind=m.connector,
     width_out=gcfg.joint_attention_dim,
@@ -164,8 +170,9 @@ def init_trainable(model: IOMM, seed: int, cond_len: int) -> dict[str, Any]:
   tokens = mmdit_lib.pack_latents(jnp.zeros((1, h, w, c)), model.generator.config.latent_patch)
   gp = model.generator.config.latent_patch
   ctx_w = model.generator.config.joint_attention_dim
+  adapter = {} if model.adapter is None else {"adapter": model.adapter.init(r_a, embeds, valid)}
   return {
-    "adapter": model.adapter.init(r_a, embeds, valid)["params"],
+    **{k: v["params"] for k, v in adapter.items()},
     "connector": model.connector.init(r_c, jnp.zeros((1, model.num_queries, d)))["params"],
     "generator": model.generator.init(
       r_g,
@@ -265,7 +272,8 @@ def condition(
     cond_valid: [B, L] key padding mask (True = real token).
     image_tokens: [B, P, D] already masked, or None for text-only batches.
   Returns:
-    context [B, Q, C] and pooled [B, C].
+    context [B, Q, C] and pooled [B, C]; with ``model.adapter`` None ("raw"), context [B, L, C]
+    from every input position, padding positions zeroed, and pooled the mean of the valid ones.
   """
   apply_m = lambda method, *a: model.mllm.apply({"params": mllm_params}, *a, method=method)
   embeds = apply_m(mllm_lib.InternVLModel.embed, cond_ids)
@@ -273,6 +281,15 @@ def condition(
     embeds = merge_image_tokens_per_row(
       embeds, cond_ids, image_tokens, model.mllm_config.image_token_id
     )
+  if model.adapter is None:
+    mask, pos = query_attention(cond_valid, 0)
+    hidden = apply_m(mllm_lib.InternVLModel.decode, embeds, pos, mask)
+    keep = cond_valid[..., None]
+    ctx = model.connector.apply({"params": trainable["connector"]}, hidden) * keep.astype(
+      hidden.dtype
+    )
+    pooled = jnp.sum(ctx.astype(jnp.float32), axis=1) / jnp.maximum(keep.sum(axis=1), 1)
+    return ctx, pooled.astype(ctx.dtype)
   queries = model.adapter.apply({"params": trainable["adapter"]}, embeds, cond_valid)
   seq = jnp.concatenate([embeds, queries.astype(embeds.dtype)], axis=1)
   mask, pos = query_attention(cond_valid, queries.shape[1])

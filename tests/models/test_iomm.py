@@ -24,8 +24,9 @@ def test_query_attention_layout():
   assert np.asarray(pos).tolist() == [[0, 1, 2, 2, 3, 4], [0, 1, 1, 1, 2, 3]]
 
 
-def _tiny_model():
+def _tiny_model(condition: str = "rqa"):
   c = get_base_config()
+  c.model.condition = condition
   c.model.num_queries = 4
   c.model.adapter_heads = 4
   c.model.codec_factor = 4
@@ -90,3 +91,20 @@ def test_generator_attention_kernel_from_the_config():
   c.model.attention = "flash"
   with pytest.raises(ValueError, match="MMDiTConfig.attention"):
     iomm.build(c, vocab_size=64, image_token_id=6)
+
+
+def test_raw_condition_reads_the_input_positions():
+  """Q5's "raw" path: no adapter parameters, one context token per input position."""
+  model = _tiny_model("raw")
+  assert model.adapter is None
+  mllm = nn.meta.unbox(iomm.init_mllm(model, 0))
+  trainable = nn.meta.unbox(iomm.init_trainable(model, 0, 8))
+  assert set(trainable) == {"connector", "generator"}
+  ids = jnp.array([[2, 7, 9, 5, 0, 0, 0, 0], [2, 7, 9, 5, 8, 3, 4, 0]], jnp.int32)
+  valid = ids != 0
+  ctx, pooled = iomm.condition(model, trainable, mllm, ids, valid, None)
+  assert ctx.shape == (2, 8, 128)
+  assert float(jnp.abs(ctx[0, 4:]).max()) == 0.0 and float(jnp.abs(ctx[0, :4]).max()) > 0
+  np.testing.assert_allclose(pooled[0], ctx[0, :4].mean(axis=0), atol=1e-5)
+  # causal: the shared prefix gives the same hidden states whatever follows it
+  np.testing.assert_allclose(ctx[0, :4], ctx[1, :4], atol=1e-5)

@@ -77,3 +77,11 @@ def test_question_1_miniature(tmp_path):
   assert mix["train"]["init_from"] == os.path.join(root, "pretrain", "image-s0")
   with open(os.path.join(root, "q1", "results_quick.json")) as f:
     assert set(json.load(f)) == set(results)
+  # question 7 scores question 1's trained runs on zero-shot editing, training nothing new
+  edits = study.run_question(
+    "q7", q1.ARMS[2:3], [0], study.SCALES["quick"], root, metric="editing", runs="q1"
+  )
+  assert set(edits["Image->Mix"]["categories"]) == {
+    "recolor success", "add success", "recolor preservation", "add preservation"
+  }  # fmt: skip
+  assert not os.path.exists(os.path.join(root, "q7"))
