@@ -97,7 +97,8 @@ def generate(
     images: optional uint8 [B, H, W, 3] condition images (self-conditioning, editing).
     mask_ratio: share of condition image tokens zeroed (0 = all kept).
     rng: one key (each chunk of ``batch_size`` rows folds in its offset), or [B] keys, one per
-      row, so that a row's image depends only on its key (resumable benchmark generation).
+      row, so that a text-conditioned row's image depends only on its key (resumable benchmark
+      generation); the token mask of image conditions (mask_ratio > 0) is still drawn per chunk.
   """
   masking.check_mask_ratio(mask_ratio)
   n = len(cond_ids)
