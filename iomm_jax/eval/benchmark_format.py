@@ -66,15 +66,27 @@ def _read_geneval(path: str) -> list[Item]:
   return items
 
 
-def _read_dpg(path: str) -> list[Item]:
+def _prompt_files(path: str, ext: str, empty: str, missing: str, any_file: bool) -> list[str]:
+  """The sorted ``*<ext>`` files of folder ``path``, or ``[path]`` if it is one such file (any
+  file if ``any_file``); ``empty`` / ``missing`` are the errors' texts."""
   if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, "*.txt")))
+    files = sorted(glob.glob(os.path.join(path, "*" + ext)))
     if not files:
-      raise FileNotFoundError(f"DPG prompts: {path!r} holds no <key>.txt prompt files")
-  elif os.path.isfile(path) and path.endswith(".txt"):
-    files = [path]
-  else:
-    raise FileNotFoundError(f"DPG prompts: {path!r} is neither a folder of .txt files nor one")
+      raise FileNotFoundError(empty)
+    return files
+  if os.path.isfile(path) and (any_file or path.endswith(ext)):
+    return [path]
+  raise FileNotFoundError(missing)
+
+
+def _read_dpg(path: str) -> list[Item]:
+  files = _prompt_files(
+    path,
+    ".txt",
+    f"DPG prompts: {path!r} holds no <key>.txt prompt files",
+    f"DPG prompts: {path!r} is neither a folder of .txt files nor one",
+    any_file=False,
+  )
   items = []
   for i, f in enumerate(files):
     with open(f) as fh:
@@ -86,14 +98,13 @@ def _read_dpg(path: str) -> list[Item]:
 
 
 def _read_wise(path: str) -> list[Item]:
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, "*.json")))
-    if not files:
-      raise FileNotFoundError(f"WISE prompts: {path!r} holds no .json prompt files")
-  elif os.path.isfile(path):
-    files = [path]
-  else:
-    raise FileNotFoundError(f"WISE prompts: {path!r} does not exist")
+  files = _prompt_files(
+    path,
+    ".json",
+    f"WISE prompts: {path!r} holds no .json prompt files",
+    f"WISE prompts: {path!r} does not exist",
+    any_file=True,
+  )
   items, seen = [], {}
   for f in files:
     with open(f) as fh:
