@@ -8,7 +8,9 @@ returns per-arm means and spreads; ``main`` is the command line of the scripts u
 
 Work is cached and resumable: one stage-0 MLLM serves the whole study (it stands in for the
 off-the-shelf InternVL3), a stage-1 run is shared by every arm (and question) that asks for the
-same one, and finished runs and evaluations are reused when a script is re-run.
+same one (overrides equal to the experiment file's defaults do not make a new run), a stage-2
+arm whose config equals a finished arm of another question links to it, and finished runs and
+evaluations are reused when a script is re-run.
 """
 
 from __future__ import annotations
@@ -94,6 +96,39 @@ def _train(stage_fn, config, workdir: str) -> None:
     stage_fn(config, workdir)
 
 
+def _non_default(spec: str, items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+  """The overrides that change the experiment file's config (a run asked for with a default
+  value is the same run as one asked for without it, and is shared)."""
+  base = loading.load_config(spec)
+  out = []
+  for key, value in items:
+    node = base
+    for part in key.split("."):
+      node = node[part]
+    if node != value:
+      out.append((key, value))
+  return tuple(out)
+
+
+def _same_run(root: str, wd: str, config) -> str | None:
+  """A finished stage-2 run elsewhere under ``root`` with exactly this config (another
+  question's arm that is the same experiment), or None."""
+  want = json.loads(config.to_json())
+  for question in sorted(os.listdir(root)):
+    qdir = os.path.join(root, question)
+    if not os.path.isdir(qdir) or question in ("mllm", "pretrain"):
+      continue
+    for name in sorted(os.listdir(qdir)):
+      other = os.path.join(qdir, name)
+      path = os.path.join(other, "config.json")
+      if other == wd or os.path.islink(other) or not os.path.exists(path):
+        continue
+      with open(path) as f:
+        if json.load(f) == want and _finished(other, config.train.num_steps):
+          return other
+  return None
+
+
 def mllm_dir(root: str, scale: Scale) -> str:
   """Trains (once) the study's frozen stage-0 MLLM; returns its workdir."""
   wd = os.path.join(root, "mllm")
@@ -105,7 +140,8 @@ def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -
   """Trains (or reuses) the arm's pre-training run; None if the arm has none."""
   if arm.pretrain is None:
     return None
-  items = arm.both + arm.pretrain_overrides
+  spec = _spec("pretrain" if arm.pretrain == "image" else "finetune", scale, scale.pretrain_steps)
+  items = _non_default(spec, arm.both + arm.pretrain_overrides)
   wd = os.path.join(
     root, "pretrain", "-".join(filter(None, [arm.pretrain, _slug(items)])) + f"-s{seed}"
   )
@@ -167,6 +203,9 @@ def run_arm(
     **dict(arm.both + arm.finetune_overrides),
   }
   c = loading.load_config(_spec("finetune", scale, scale.finetune_steps), overrides)
+  if not os.path.exists(wd) and (same := _same_run(root, wd, c)):
+    os.makedirs(os.path.dirname(wd), exist_ok=True)
+    os.symlink(os.path.relpath(same, os.path.dirname(wd)), wd)  # one run, two questions
   _train(finetune.train_and_evaluate, c, wd)
   return _evaluate(wd, scale, metric)
 

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: real InternVL3 / FLUX VAE weights in, diffusers + PyTorch out."""

@@ -1,0 +1,144 @@
+"""Safetensors in and out, and the checks every converter shares (issue 4).
+
+Only ``*.safetensors`` files are ever read (never pickles): a checkpoint directory holds one
+``model.safetensors`` or several shards listed by ``model.safetensors.index.json`` (the layout
+``save_pretrained`` writes in transformers and diffusers). Arrays travel as numpy; torch is not
+needed here.
+
+``match(template, loaded, what)`` is the one place that turns a converted flat dict into a
+parameter tree and reports what does not fit: a missing key, an unexpected key, or a shape
+mismatch names the parameter and both shapes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model it is converted into (or is not one)."""
+
+
+def safetensors_files(path: str, what: str = "checkpoint") -> list[str]:
+  """The safetensors files of a checkpoint directory (or the file itself), sorted."""
+  if os.path.isfile(path):
+    if not path.endswith(".safetensors"):
+      raise ConversionError(f"{what} {path!r} is not a .safetensors file (pickles are never read)")
+    return [path]
+  if not os.path.isdir(path):
+    raise ConversionError(f"{what} {path!r} does not exist")
+  index = os.path.join(path, INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(path, n) for n in names]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+      raise ConversionError(f"{what} {path!r}: {INDEX} names missing shards {missing}")
+    return files
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    pickles = [
+      os.path.basename(p)
+      for ext in ("bin", "pt", "pth", "ckpt")
+      for p in glob.glob(os.path.join(path, f"*.{ext}"))
+    ]
+    hint = f" (found {pickles}: pickled weights are not read; re-save as safetensors)" if pickles else ""
+    raise ConversionError(f"{what} {path!r} is not a checkpoint: no *.safetensors files{hint}")
+  return files
+
+
+def read(path: str, what: str = "checkpoint") -> dict[str, np.ndarray]:
+  """Every tensor of a safetensors checkpoint (file or directory), key -> numpy array."""
+  out: dict[str, np.ndarray] = {}
+  for file in safetensors_files(path, what):
+    for key, value in load_file(file).items():
+      if key in out:
+        raise ConversionError(f"{what} {path!r}: key {key!r} appears in more than one shard")
+      out[key] = value
+  return out
+
+
+def write(path: str, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
+  """Writes one safetensors file atomically (a temporary file, then a rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  tmp = path + ".tmp"
+  save_file(arrays, tmp, metadata=metadata)
+  os.replace(tmp, path)
+
+
+def read_json(path: str, what: str) -> dict[str, Any]:
+  """A JSON config file, with an error that names it when it is absent or malformed."""
+  if not os.path.exists(path):
+    raise ConversionError(f"{what}: {path!r} does not exist")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{what}: {path!r} is not valid JSON ({e})") from e
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Nested dict -> {"a/b/c": leaf}."""
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      for kk, vv in flatten(v, sep).items():
+        out[f"{k}{sep}{kk}"] = vv
+    else:
+      out[k] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """{"a/b/c": leaf} -> nested dict."""
+  out: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split(sep)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def match(
+  template: Mapping[str, Any], loaded: Mapping[str, Any], what: str, dtype: Any = None
+) -> dict[str, Any]:
+  """Checks ``loaded`` (flat, ``/``-joined paths) against the parameter tree ``template``
+  (arrays or ``jax.ShapeDtypeStruct``s) and returns it as a nested tree of numpy arrays.
+
+  Raises ``ConversionError`` naming every missing and unexpected parameter and the first
+  shape mismatches (parameter, expected shape, checkpoint shape). ``dtype``: cast every leaf
+  (default: the template leaf's dtype).
+  """
+  want = flatten(template)
+  missing = sorted(set(want) - set(loaded))
+  unexpected = sorted(set(loaded) - set(want))
+  bad = [
+    f"{k}: model expects {tuple(want[k].shape)}, checkpoint has {tuple(np.shape(loaded[k]))}"
+    for k in sorted(set(want) & set(loaded))
+    if tuple(want[k].shape) != tuple(np.shape(loaded[k]))
+  ]
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing parameter(s): {missing[:10]}")
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected parameter(s): {unexpected[:10]}")
+  if bad:
+    problems.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:10]))
+  if problems:
+    raise ConversionError(f"{what}: " + " | ".join(problems))
+  return unflatten(
+    {k: np.asarray(loaded[k], dtype=dtype or want[k].dtype) for k in want}
+  )
