@@ -2,7 +2,8 @@
 
 Only ``*.safetensors`` files are ever read (never pickles): a checkpoint directory holds one
 ``model.safetensors`` or several shards listed by ``model.safetensors.index.json`` (the layout
-``save_pretrained`` writes in transformers and diffusers). Arrays travel as numpy; torch is not
+``save_pretrained`` writes in transformers; diffusers names the index
+``diffusion_pytorch_model.safetensors.index.json``). Arrays travel as numpy; torch is not
 needed here.
 
 ``match(template, loaded, what)`` is the one place that turns a converted flat dict into a
@@ -22,6 +23,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 INDEX = "model.safetensors.index.json"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+INDEXES = (INDEX, DIFFUSERS_INDEX)  # shard indexes, in the order they are looked for
 
 
 class ConversionError(ValueError):
@@ -36,14 +39,16 @@ def safetensors_files(path: str, what: str = "checkpoint") -> list[str]:
     return [path]
   if not os.path.isdir(path):
     raise ConversionError(f"{what} {path!r} does not exist")
-  index = os.path.join(path, INDEX)
-  if os.path.exists(index):
+  for index_name in INDEXES:
+    index = os.path.join(path, index_name)
+    if not os.path.exists(index):
+      continue
     with open(index) as f:
       names = sorted(set(json.load(f)["weight_map"].values()))
     files = [os.path.join(path, n) for n in names]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
-      raise ConversionError(f"{what} {path!r}: {INDEX} names missing shards {missing}")
+      raise ConversionError(f"{what} {path!r}: {index_name} names missing shards {missing}")
     return files
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if not files:
@@ -52,7 +57,9 @@ def safetensors_files(path: str, what: str = "checkpoint") -> list[str]:
       for ext in ("bin", "pt", "pth", "ckpt")
       for p in glob.glob(os.path.join(path, f"*.{ext}"))
     ]
-    hint = f" (found {pickles}: pickled weights are not read; re-save as safetensors)" if pickles else ""
+    hint = (
+      f" (found {pickles}: pickled weights are not read; re-save as safetensors)" if pickles else ""
+    )
     raise ConversionError(f"{what} {path!r} is not a checkpoint: no *.safetensors files{hint}")
   return files
 

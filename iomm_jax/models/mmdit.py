@@ -183,6 +183,21 @@ MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
     pooled_projection_dim=1536,
     axes_dims_rope=(16, 56, 56),
   ),
+  # IOMM-XL (paper: "following the 6B parameter Z-Image framework", a single-stream DiT; dims
+  # not given): an approximation with single-stream blocks only. Z-Image's width 3840 = 30x128;
+  # 27 FLUX single-stream blocks (4x GELU-tanh MLP) hit the 6 B (26: 5.82 B, 28: 6.27 B). Not
+  # Z-Image's SwiGLU blocks, refiner layers or RoPE axes; same condition width and latents as
+  # B. 6,045,399,616 parameters.
+  "XL": MMDiTConfig(
+    in_channels=64,
+    num_layers=0,
+    num_single_layers=27,
+    attention_head_dim=128,
+    num_attention_heads=30,
+    joint_attention_dim=1536,
+    pooled_projection_dim=1536,
+    axes_dims_rope=(16, 56, 56),
+  ),
 }
 
 

@@ -1,0 +1,432 @@
+"""FLUX VAE weights: diffusers ``AutoencoderKL`` directories in, our converted directory, and out.
+
+* ``import_vae(diffusers_dir, out_dir)`` reads ``config.json`` + safetensors (never pickles) of a
+  diffusers ``AutoencoderKL`` (``save_pretrained`` layout: ``diffusion_pytorch_model.safetensors``
+  or shards listed by ``diffusion_pytorch_model.safetensors.index.json``; a pipeline directory
+  with a ``vae/`` subfolder, such as FLUX.1-dev's, is accepted too), maps every key to the Flax
+  path of ``iomm_jax.models.codec.AutoencoderKL`` (the name rule of ``codec.diffusers_key``: conv
+  kernels OIHW -> HWIO, dense kernels transposed), checks the result against the abstract params
+  of our model (``tensors.match``: missing / unexpected / shape-mismatched parameters are named,
+  with both shapes) and writes ``out_dir/params.safetensors`` (``/``-joined Flax paths) and
+  ``out_dir/config.json`` (the ``VAEConfig`` fields plus ``format``/``source``/``params_dtype``).
+  ``config.json`` is written last and removed first, so an interrupted import never leaves a
+  directory that ``load_vae`` accepts with stale or partial weights.
+* ``load_vae(ckpt_dir)`` -> (``VAEConfig``, params tree) of such a directory.
+* ``export_vae(params, vae_config, out_dir)`` writes a diffusers ``AutoencoderKL`` directory that
+  ``diffusers.AutoencoderKL.from_pretrained`` loads with no missing or unexpected keys; import
+  of the export gives bit-identical params (the transposes are exact).
+* ``codec_params_from_config(config, template)`` / ``init_codec_params(config, codec, rng, size)``
+  make ``config.model.vae_checkpoint`` real: the converted weights of a run's VAE, checked
+  against ``config.model.vae``'s ``VAE_VARIANTS`` entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iomm_jax.convert import tensors
+from iomm_jax.convert.tensors import ConversionError
+from iomm_jax.models import codec
+
+FORMAT = "iomm_jax.vae"
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_CLASS = "AutoencoderKL"
+
+_PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_META_KEYS = ("format", "source", "params_dtype")
+
+# diffusers AutoencoderKL.__init__ defaults: a config.json that omits a key means this value.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ("DownEncoderBlock2D",),
+  "up_block_types": ("UpDecoderBlock2D",),
+  "block_out_channels": (64,),
+  "layers_per_block": 1,
+  "act_fn": "silu",
+  "latent_channels": 4,
+  "norm_num_groups": 32,
+  "sample_size": 32,
+  "scaling_factor": 0.18215,
+  "shift_factor": None,
+  "latents_mean": None,
+  "latents_std": None,
+  "force_upcast": True,
+  "use_quant_conv": True,
+  "use_post_quant_conv": True,
+  "mid_block_add_attention": True,
+}
+# Options that only steer diffusers' runtime (tiling threshold, fp16 upcast), not the weights.
+_RUNTIME_ONLY = ("sample_size", "force_upcast")
+_DIFFUSERS_NORM_EPS = 1e-6  # hard-coded in diffusers' Encoder/Decoder
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def vae_config_from_diffusers(cfg: Mapping[str, Any], what: str = "config.json") -> codec.VAEConfig:
+  """Our ``VAEConfig`` of a diffusers ``AutoencoderKL`` config.json dict.
+
+  Missing keys take diffusers' defaults (note ``use_quant_conv``/``use_post_quant_conv`` default
+  to True there); ``shift_factor: null`` is 0. Raises ``ConversionError`` naming the class when
+  ``_class_name`` is not ``AutoencoderKL``, and naming the key for an option our port lacks
+  (``latents_mean``/``latents_std``, an ``act_fn`` other than silu, other block types, unknown
+  keys).
+  """
+  name = cfg.get("_class_name")
+  if name != DIFFUSERS_CLASS:
+    raise ConversionError(
+      f"{what}: wrong model type: _class_name={name!r}, expected {DIFFUSERS_CLASS!r}"
+    )
+  unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+  if unknown:
+    raise ConversionError(f"{what}: unsupported AutoencoderKL option(s) {unknown}")
+  c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+  blocks = tuple(c["block_out_channels"])
+  for key, kind in (
+    ("down_block_types", "DownEncoderBlock2D"),
+    ("up_block_types", "UpDecoderBlock2D"),
+  ):
+    types = tuple(c[key])
+    if types != (kind,) * len(blocks):
+      raise ConversionError(
+        f"{what}: {key}={list(types)} unsupported: the port has {len(blocks)} x {kind!r} "
+        f"(one per block_out_channels entry)"
+      )
+  if c["act_fn"] != "silu":
+    raise ConversionError(f"{what}: act_fn={c['act_fn']!r} unsupported (only 'silu')")
+  for key in ("latents_mean", "latents_std"):
+    if c[key] is not None:
+      raise ConversionError(f"{what}: {key} is set; per-channel latent statistics are unsupported")
+  try:
+    return codec.VAEConfig(
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      latent_channels=c["latent_channels"],
+      block_out_channels=blocks,
+      layers_per_block=c["layers_per_block"],
+      norm_num_groups=c["norm_num_groups"],
+      norm_eps=_DIFFUSERS_NORM_EPS,
+      mid_block_add_attention=bool(c["mid_block_add_attention"]),
+      use_quant_conv=bool(c["use_quant_conv"]),
+      use_post_quant_conv=bool(c["use_post_quant_conv"]),
+      scaling_factor=float(c["scaling_factor"]),
+      shift_factor=0.0 if c["shift_factor"] is None else float(c["shift_factor"]),
+    )
+  except ValueError as e:
+    raise ConversionError(f"{what}: {e}") from e
+
+
+def diffusers_config(
+  vae_config: codec.VAEConfig, sample_size: int = 1024, force_upcast: bool = True
+) -> dict[str, Any]:
+  """The diffusers ``AutoencoderKL`` config.json dict of our ``VAEConfig``.
+
+  ``sample_size`` (diffusers' tiling threshold) and ``force_upcast`` do not affect the weights;
+  the defaults are FLUX.1's. Raises ``ConversionError`` when ``norm_eps`` is not diffusers'
+  fixed 1e-6.
+  """
+  c = vae_config
+  if c.norm_eps != _DIFFUSERS_NORM_EPS:
+    raise ConversionError(
+      f"VAEConfig.norm_eps={c.norm_eps} cannot be exported: diffusers fixes it to "
+      f"{_DIFFUSERS_NORM_EPS}"
+    )
+  n = len(c.block_out_channels)
+  return {
+    "_class_name": DIFFUSERS_CLASS,
+    "act_fn": "silu",
+    "block_out_channels": list(c.block_out_channels),
+    "down_block_types": ["DownEncoderBlock2D"] * n,
+    "force_upcast": force_upcast,
+    "in_channels": c.in_channels,
+    "latent_channels": c.latent_channels,
+    "latents_mean": None,
+    "latents_std": None,
+    "layers_per_block": c.layers_per_block,
+    "mid_block_add_attention": c.mid_block_add_attention,
+    "norm_num_groups": c.norm_num_groups,
+    "out_channels": c.out_channels,
+    "sample_size": sample_size,
+    "scaling_factor": c.scaling_factor,
+    "shift_factor": c.shift_factor,
+    "up_block_types": ["UpDecoderBlock2D"] * n,
+    "use_post_quant_conv": c.use_post_quant_conv,
+    "use_quant_conv": c.use_quant_conv,
+  }
+
+
+# ----------------------------------------------------------------------------- name map
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_flat(vae_config: codec.VAEConfig, param_dtype: Any) -> tuple[tuple[str, Any], ...]:
+  module = codec.AutoencoderKL(vae_config, param_dtype=param_dtype)
+  f = vae_config.downsample
+  x = jax.ShapeDtypeStruct((1, f, f, vae_config.in_channels), jnp.float32)
+  boxed = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+  return tuple(tensors.flatten(nn.meta.unbox(boxed)["params"]).items())
+
+
+def abstract_params(vae_config: codec.VAEConfig, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+  """Unboxed ``jax.ShapeDtypeStruct`` tree of ``AutoencoderKL(vae_config)``'s params (traced
+  once per config and dtype, no FLOPs; a fresh tree on every call)."""
+  return tensors.unflatten(dict(_abstract_flat(vae_config, jnp.dtype(param_dtype))))
+
+
+def _to_flax(path: str, value: np.ndarray) -> np.ndarray:
+  """A diffusers tensor in our layout (conv OIHW -> HWIO, dense weight.T); other ndims as is."""
+  if path.endswith("/kernel"):
+    if value.ndim == 4:
+      return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+      return value.T
+  return value
+
+
+def _to_diffusers(path: str, value: np.ndarray) -> np.ndarray:
+  """Inverse of ``_to_flax``: conv HWIO -> OIHW, dense kernel.T."""
+  if path.endswith("/kernel"):
+    if value.ndim == 4:
+      return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2:
+      return value.T
+  return value
+
+
+def _key_map(template: Mapping[str, Any]) -> dict[str, str]:
+  """{our '/'-joined path: diffusers key} over every parameter of ``template``."""
+  return {p: codec.diffusers_key(p.split("/")) for p in tensors.flatten(template)}
+
+
+def _match(
+  template: Mapping[str, Any],
+  loaded: Mapping[str, Any],
+  what: str,
+  names: Mapping[str, str],
+  dtype: Any = None,
+) -> dict[str, Any]:
+  """``tensors.match``, with the diffusers key of every missing / mismatched parameter added."""
+  try:
+    return tensors.match(template, loaded, what, dtype=dtype)
+  except ConversionError as e:
+    want = tensors.flatten(template)
+    named = sorted(
+      k for k in want if k not in loaded or tuple(want[k].shape) != tuple(np.shape(loaded[k]))
+    )
+    if not named:
+      raise
+    pairs = ", ".join(f"{k} = {names[k]}" for k in named[:10])
+    raise ConversionError(f"{e} | diffusers keys: {pairs}") from None
+
+
+# ----------------------------------------------------------------------------- import / load
+
+
+def _diffusers_root(path: str) -> str:
+  """``path`` itself, or its ``vae/`` subfolder when ``path`` is a pipeline directory."""
+  if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+    sub = os.path.join(path, "vae")
+    if os.path.exists(os.path.join(sub, CONFIG_FILE)):
+      return sub
+  return path
+
+
+def _read_diffusers_weights(root: str, what: str) -> dict[str, np.ndarray]:
+  """The tensors of a diffusers model directory; the plain single file wins over variants."""
+  single = os.path.join(root, DIFFUSERS_WEIGHTS)
+  has_index = any(os.path.exists(os.path.join(root, i)) for i in tensors.INDEXES)
+  if os.path.isfile(single) and not has_index:
+    return tensors.read(single, what)
+  return tensors.read(root, what)
+
+
+def _write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
+  """Writes JSON to a temporary file, then renames it over ``path``."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _is_converted(config_path: str) -> bool:
+  """Whether a config.json is the one ``import_vae`` writes."""
+  try:
+    with open(config_path) as f:
+      cfg = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+
+
+def _remove(path: str) -> None:
+  """Deletes a file if it exists."""
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> codec.VAEConfig:
+  """Converts a diffusers ``AutoencoderKL`` directory into ``out_dir``; returns its ``VAEConfig``.
+
+  ``dtype``: storage dtype of ``params.safetensors`` ("float32" or "bfloat16").
+  """
+  if dtype not in _PARAM_DTYPES:
+    raise ConversionError(
+      f"import_vae: dtype={dtype!r} unknown; choose from {tuple(_PARAM_DTYPES)}"
+    )
+  if not os.path.isdir(diffusers_dir):
+    raise ConversionError(f"VAE checkpoint {diffusers_dir!r} is not a directory")
+  root = _diffusers_root(diffusers_dir)
+  what = f"VAE checkpoint {root!r}"
+  cfg = tensors.read_json(os.path.join(root, CONFIG_FILE), what)
+  vae_config = vae_config_from_diffusers(cfg, f"{what} config.json")
+  if os.path.abspath(out_dir) in (os.path.abspath(root), os.path.abspath(diffusers_dir)):
+    raise ConversionError(f"{what}: out_dir must differ from the diffusers directory")
+  raw = _read_diffusers_weights(root, what)
+  template = abstract_params(vae_config, _PARAM_DTYPES[dtype])
+  names = _key_map(template)
+  ours = {v: k for k, v in names.items()}
+  # Unknown keys keep their diffusers name, so match reports them as unexpected.
+  loaded = {ours.get(k, k): _to_flax(ours.get(k, k), v) for k, v in raw.items()}
+  params = _match(template, loaded, what, names)
+  os.makedirs(out_dir, exist_ok=True)
+  config_path = os.path.join(out_dir, CONFIG_FILE)
+  _remove(config_path)  # from here until the end, out_dir is not a valid checkpoint
+  tensors.write(
+    os.path.join(out_dir, PARAMS_FILE), tensors.flatten(params), metadata={"format": FORMAT}
+  )
+  meta = {"format": FORMAT, "source": os.path.abspath(root), "params_dtype": dtype}
+  _write_json_atomic(config_path, {**dataclasses.asdict(vae_config), **meta})
+  return vae_config
+
+
+def load_vae(ckpt_dir: str) -> tuple[codec.VAEConfig, dict[str, Any]]:
+  """(``VAEConfig``, params tree of numpy arrays in the stored dtype) of an ``import_vae`` dir."""
+  what = f"converted VAE {ckpt_dir!r}"
+  config_path = os.path.join(ckpt_dir, CONFIG_FILE)
+  if not os.path.isdir(ckpt_dir) or not os.path.exists(config_path):
+    raise ConversionError(f"{what} is not a converted VAE directory (no {CONFIG_FILE}; run import)")
+  cfg = tensors.read_json(config_path, what)
+  if cfg.get("format") != FORMAT:
+    raise ConversionError(
+      f"{what} is not a converted VAE directory: {CONFIG_FILE} has format="
+      f"{cfg.get('format')!r}, expected {FORMAT!r} (a diffusers directory needs import_vae first)"
+    )
+  dtype = cfg.get("params_dtype", "float32")
+  if dtype not in _PARAM_DTYPES:
+    raise ConversionError(f"{what}: params_dtype={dtype!r} unknown")
+  fields = {k: v for k, v in cfg.items() if k not in _META_KEYS}
+  try:
+    vae_config = codec.VAEConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"{what}: bad {CONFIG_FILE}: {e}") from e
+  template = abstract_params(vae_config, _PARAM_DTYPES[dtype])
+  loaded = tensors.read(os.path.join(ckpt_dir, PARAMS_FILE), what)
+  return vae_config, _match(template, loaded, what, _key_map(template))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_vae(
+  params: Mapping[str, Any],
+  vae_config: codec.VAEConfig,
+  out_dir: str,
+  sample_size: int = 1024,
+  force_upcast: bool = True,
+) -> None:
+  """Writes ``params`` (our tree, any float dtype, kept) as a diffusers ``AutoencoderKL`` dir:
+  ``config.json`` + ``diffusion_pytorch_model.safetensors``.
+
+  The params are checked against ``vae_config`` first; ``config.json`` is removed first and
+  written last. A directory that already holds a sharded index is refused.
+  """
+  what = f"export_vae to {out_dir!r}"
+  flat = {k: np.asarray(v) for k, v in tensors.flatten(params).items()}
+  template = abstract_params(vae_config)
+  names = _key_map(template)
+  _match(template, flat, what, names)
+  config = diffusers_config(vae_config, sample_size, force_upcast)
+  for index in tensors.INDEXES:
+    if os.path.exists(os.path.join(out_dir, index)):
+      raise ConversionError(f"{what}: the directory already holds a sharded checkpoint ({index})")
+  config_path = os.path.join(out_dir, CONFIG_FILE)
+  if os.path.exists(config_path) and _is_converted(config_path):
+    raise ConversionError(f"{what}: the directory holds a converted (import_vae) VAE")
+  os.makedirs(out_dir, exist_ok=True)
+  _remove(config_path)
+  state = {names[k]: _to_diffusers(k, v) for k, v in flat.items()}
+  tensors.write(os.path.join(out_dir, DIFFUSERS_WEIGHTS), state, metadata={"format": "pt"})
+  _write_json_atomic(config_path, config)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _differing(a: codec.VAEConfig, b: codec.VAEConfig) -> list[str]:
+  """Fields (other than the compute dtype) in which two VAE configs differ."""
+  return [
+    f.name
+    for f in dataclasses.fields(codec.VAEConfig)
+    if f.name != "dtype" and getattr(a, f.name) != getattr(b, f.name)
+  ]
+
+
+def codec_params_from_config(config: Any, template: Any) -> Any:
+  """The codec params of a run: ``template`` unchanged when ``config.model.vae_checkpoint`` is
+  empty, else the converted weights there, checked against the template's shapes and cast to
+  its dtypes (``template`` may be arrays or ``jax.ShapeDtypeStruct``s).
+
+  Raises ``ConversionError`` when a checkpoint is set for a non-VAE codec, or when its config
+  differs from ``config.model.vae``'s ``VAE_VARIANTS`` entry (both named, with the fields).
+  """
+  m = config.model
+  path = m.get("vae_checkpoint", "") or ""
+  if not path:
+    return template
+  if m.codec != "vae":
+    raise ConversionError(
+      f"config.model.vae_checkpoint={path!r} is set but config.model.codec={m.codec!r} "
+      f"(use codec='vae' or clear vae_checkpoint)"
+    )
+  if m.vae not in codec.VAE_VARIANTS:
+    raise ConversionError(
+      f"config.model.vae={m.vae!r} unknown; choose from {sorted(codec.VAE_VARIANTS)}"
+    )
+  want = codec.VAE_VARIANTS[m.vae]
+  got, params = load_vae(path)
+  diff = _differing(got, want)
+  if diff:
+    detail = "; ".join(f"{k}: checkpoint {getattr(got, k)!r} vs {getattr(want, k)!r}" for k in diff)
+    raise ConversionError(
+      f"config.model.vae_checkpoint={path!r} holds a different VAE than config.model.vae="
+      f"{m.vae!r} ({detail})"
+    )
+  what = f"config.model.vae_checkpoint={path!r}"
+  loaded = _match(template, tensors.flatten(params), what, _key_map(template))
+  return jax.tree.map(jnp.asarray, loaded)
+
+
+def init_codec_params(
+  config: Any, latent_codec: Any, rng: jax.Array, image_size: int | Sequence[int]
+) -> Any:
+  """A run's codec params: ``latent_codec.init_params(rng, image_size)``, or, when
+  ``config.model.vae_checkpoint`` is set, the converted weights (no random init is computed;
+  only its shapes are traced)."""
+  if not (config.model.get("vae_checkpoint", "") or ""):
+    return latent_codec.init_params(rng, image_size)
+  template = jax.eval_shape(lambda key: latent_codec.init_params(key, image_size), rng)
+  return codec_params_from_config(config, template)
