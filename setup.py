@@ -26,6 +26,7 @@ setup(
       "iomm-sample=iomm_jax.cli.sample:main",
       "iomm-demo=iomm_jax.cli.demo:main",
       "iomm-eval=iomm_jax.cli.evaluate:main",
+      "iomm-convert=iomm_jax.cli.convert:main",
     ]
   },
 )

@@ -92,13 +92,24 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int, image_token_id: int) -> IOMM:
+def build(
+  config: ml_collections.ConfigDict,
+  vocab_size: int,
+  image_token_id: int,
+  mllm_config: mllm_lib.MLLMConfig | None = None,
+) -> IOMM:
   """Builds the modules of ``config.model`` for a tokenizer of ``vocab_size`` ids whose
-  image-context placeholder is ``image_token_id``."""
+  image-context placeholder is ``image_token_id``.
+
+  ``mllm_config``: the frozen MLLM's config as given (an imported checkpoint's, used with
+  ``config.model.mllm = "from_checkpoint"``) instead of the ``config.model.mllm`` variant.
+  """
   m = config.model
   if m.condition not in CONDITIONS:
     raise ValueError(f"config.model.condition={m.condition!r} unknown; choose from {CONDITIONS}")
-  mcfg = mllm_lib.get_mllm_config(m.mllm, vocab_size=vocab_size, image_token_id=image_token_id)
+  mcfg = mllm_config or mllm_lib.get_mllm_config(
+    m.mllm, vocab_size=vocab_size, image_token_id=image_token_id
+  )
   width = mcfg.text.width
   codec = codec_lib.make_codec(
     m.codec, **({"factor": m.codec_factor} if m.codec == "pixel" else {"variant": m.vae})

@@ -23,8 +23,9 @@ projected image tokens before the language model runs (``merge_image_tokens``).
 Parameter names mirror the transformers state dict, so importing a checkpoint is a name map
 (the converter itself is a separate module). For a key of ``InternVLForConditionalGeneration``:
 
-1. drop a leading ``model.`` (hub files written by older transformers use ``language_model.model.``
-   for ``language_model.`` and ``language_model.lm_head`` for ``lm_head``: map those first);
+1. drop a leading ``model.`` (files on disk, the hub's and those transformers 5's
+   ``save_pretrained`` writes, use ``language_model.model.`` for ``language_model.`` and
+   ``language_model.lm_head`` for ``lm_head``: map those first; ``convert/internvl.py`` reads both);
 2. ``.<i>.`` list indices become ``_<i>`` suffixes and the remaining dots become ``/``;
 3. the leaf ``weight`` becomes ``kernel`` for linear layers (transposed: (out, in) -> (in, out)),
    ``scale`` for LayerNorm/RMSNorm, ``embedding`` for ``embed_tokens``; ``bias`` stays; the patch

@@ -1,7 +1,12 @@
 """What the generator stages and the samplers share: tokenizer, model, frozen MLLM, conditioner.
 
-The frozen MLLM comes from ``config.model.mllm_from`` (a stage-0 workdir: its tokenizer and
-latest parameters) or, for the ablation ``mllm_init='random'``, from a seeded random init.
+The frozen MLLM comes from ``config.model.mllm_from``, either a stage-0 workdir (its tokenizer and
+latest parameters) or a directory written by ``convert.internvl.import_internvl`` (an off-the-shelf
+InternVL3: its parameters and ``HFTokenizer``), or, for the ablation ``mllm_init='random'``, from a
+seeded random init. With an imported directory, ``config.model.mllm`` names the variant the
+checkpoint must be (e.g. "internvl3_2b"; a mismatch is an error naming both) or is
+``"from_checkpoint"`` to take the checkpoint's own ``MLLMConfig``. The codec's parameters are a
+seeded init, or, with ``config.model.vae_checkpoint``, a VAE imported by ``convert.vae``.
 """
 
 from __future__ import annotations
@@ -16,14 +21,20 @@ import jax
 import ml_collections
 
 from iomm_jax import checkpointing, optim
+from iomm_jax.convert import internvl, tensors
+from iomm_jax.convert import vae as vae_convert
+from iomm_jax.convert.hf_tokenizer import HFTokenizer
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.models import iomm
+from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.train import loop, steps
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_VOCAB = 256  # soft limit: the grammar's words and the aux prompt's become whole pieces
 MLLM_SEED = 17  # offset of the MLLM's init seed from config.seed
+HF_TOKENIZER_DIR = "hf_tokenizer"  # workdir copy of an imported MLLM's tokenizer files
+FROM_CHECKPOINT = "from_checkpoint"  # config.model.mllm: the imported checkpoint's own config
 
 
 @dataclasses.dataclass
@@ -31,7 +42,7 @@ class GenerationContext:
   """Static model + tokenizer + frozen parameters of a generator run."""
 
   model: iomm.IOMM
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer | HFTokenizer
   conditioner: pipeline.Conditioner
   frozen: dict[str, Any]
 
@@ -72,7 +83,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
   With ``workdir``, the tokenizer is copied there (so the workdir alone can be sampled later).
   """
   m = config.model
-  if m.mllm_init == "checkpoint":
+  imported = m.mllm_init == "checkpoint" and internvl.is_imported(m.mllm_from)
+  if imported:  # an off-the-shelf InternVL3 written by convert.internvl.import_internvl
+    tokenizer, model, mllm = _load_imported(config, workdir)
+  elif m.mllm_init == "checkpoint":
     src = checkpointing.find_checkpoint_dir(m.mllm_from, "config.model.mllm_from")
     tok_path = os.path.join(src, TOKENIZER_FILE)
     if not os.path.exists(tok_path):
@@ -85,18 +99,73 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
       if workdir and os.path.exists(tok_path)
       else train_tokenizer(config, tok_path if workdir else "")
     )
-  if workdir and jax.process_index() == 0:
+  if workdir and jax.process_index() == 0 and not imported:
     os.makedirs(workdir, exist_ok=True)
     dst = os.path.join(workdir, TOKENIZER_FILE)
     if os.path.abspath(tok_path) != os.path.abspath(dst):
       shutil.copyfile(tok_path, dst)
-  model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
-  if m.mllm_init == "checkpoint":  # only the shapes of an init are needed to restore
-    mllm = restore_params(m.mllm_from, jax.eval_shape(lambda: iomm.init_mllm(model, MLLM_SEED)))
-  else:
-    mllm = nn.meta.unbox(iomm.init_mllm(model, config.seed + MLLM_SEED))
-  codec = model.codec.init_params(iomm.init_key(config.seed + 23), model.image_size)
+  if not imported:
+    model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
+    if m.mllm_init == "checkpoint":  # only the shapes of an init are needed to restore
+      mllm = restore_params(m.mllm_from, jax.eval_shape(lambda: iomm.init_mllm(model, MLLM_SEED)))
+    else:
+      mllm = nn.meta.unbox(iomm.init_mllm(model, config.seed + MLLM_SEED))
+  codec = vae_convert.init_codec_params(  # converted VAE weights when model.vae_checkpoint is set
+    config, model.codec, iomm.init_key(config.seed + 23), model.image_size
+  )
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, m.aux_prompt, m.max_text_len
   )
   return GenerationContext(model, tokenizer, conditioner, {"mllm": mllm, "codec": codec})
+
+
+def _config_diff(variant: mllm_lib.MLLMConfig, ckpt: mllm_lib.MLLMConfig) -> list[str]:
+  """The MLLMConfig fields (``vision.width``, ...) on which the two differ, ignoring
+  ``vision.layer_scale_init`` (an init value only)."""
+  a, b = (tensors.flatten(dataclasses.asdict(c), ".") for c in (variant, ckpt))
+  return [
+    f"{k}: variant {a[k]!r}, checkpoint {b[k]!r}"
+    for k in a
+    if a[k] != b[k] and k != "vision.layer_scale_init"
+  ]
+
+
+def _load_imported(
+  config: ml_collections.ConfigDict, workdir: str | None
+) -> tuple[HFTokenizer, iomm.IOMM, Any]:
+  """Tokenizer, model and MLLM parameters (in ``config.model.mllm_dtype``) of an imported InternVL
+  directory ``config.model.mllm_from``; with ``workdir``, the tokenizer is saved there too."""
+  m = config.model
+  ckpt_cfg, params, tokenizer = internvl.load_internvl(m.mllm_from)
+  if tokenizer is None:
+    raise FileNotFoundError(
+      f"config.model.mllm_from={m.mllm_from!r} has no tokenizer.json: import a checkpoint "
+      "directory that holds its tokenizer (import_internvl(..., tokenizer_dir=...))"
+    )
+  if tokenizer.img_context_id != ckpt_cfg.image_token_id:
+    raise ValueError(
+      f"config.model.mllm_from={m.mllm_from!r}: the tokenizer's <IMG_CONTEXT> is id "
+      f"{tokenizer.img_context_id}, the model's image_token_id is {ckpt_cfg.image_token_id}"
+    )
+  if tokenizer.vocab_size > ckpt_cfg.text.vocab_size:
+    raise ValueError(
+      f"config.model.mllm_from={m.mllm_from!r}: the tokenizer has {tokenizer.vocab_size} ids, "
+      f"more than the model's vocab_size {ckpt_cfg.text.vocab_size}"
+    )
+  if workdir and jax.process_index() == 0:
+    tokenizer.save(os.path.join(workdir, HF_TOKENIZER_DIR))
+  model = iomm.build(
+    config,
+    ckpt_cfg.text.vocab_size,
+    ckpt_cfg.image_token_id,
+    mllm_config=ckpt_cfg if m.mllm == FROM_CHECKPOINT else None,
+  )
+  diff = _config_diff(model.mllm_config, ckpt_cfg)
+  if diff:
+    raise ValueError(
+      f"config.model.mllm={m.mllm!r} does not match the imported checkpoint "
+      f"config.model.mllm_from={m.mllm_from!r} ({'; '.join(diff)}); set config.model.mllm to "
+      f"the matching variant or to {FROM_CHECKPOINT!r}"
+    )
+  dtype = model.mllm.param_dtype
+  return tokenizer, model, jax.tree.map(lambda x: jax.numpy.asarray(x, dtype), params)
