@@ -27,3 +27,8 @@ def get_config(arg=None):
     # (docs/RESULTS.md); the larger batch averages the sparse colour / count signal of the captions.
     c.train.batch_size = 16
   return c
+
+
+def get_sweep():
+  """``launch/sweep.py``: the mask ratio of the image-only half of the batches (paper: 0.85)."""
+  return [{"diffusion.mask_ratio": r} for r in (0.75, 0.85, 0.95)]

@@ -16,3 +16,8 @@ def get_config(arg=None):
   c.stage = "pretrain"
   c.diffusion.mask_ratio = 0.85
   return shapes_generator(c, a)
+
+
+def get_sweep():
+  """``launch/sweep.py``: the learning rate (the shapes default 1e-3 and a lower 3e-4)."""
+  return [{"optim.lr": lr} for lr in (1e-3, 3e-4)]
