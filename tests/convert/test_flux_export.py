@@ -20,25 +20,22 @@ import dataclasses
 import json
 import os
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from iomm_jax import generate, torch_port  # noqa: E402
-from iomm_jax.configs.base import get_base_config  # noqa: E402
-from iomm_jax.convert import flux, tensors  # noqa: E402
-from iomm_jax.convert.tensors import ConversionError  # noqa: E402
-from iomm_jax.diffusion import sampling  # noqa: E402
-from iomm_jax.models import codec as codec_lib  # noqa: E402
-from iomm_jax.models import iomm, mmdit  # noqa: E402
+from iomm_jax import generate, torch_port
+from iomm_jax.configs.base import get_base_config
+from iomm_jax.convert import flux, tensors
+from iomm_jax.convert.tensors import ConversionError
+from iomm_jax.diffusion import sampling
+from iomm_jax.models import codec as codec_lib
+from iomm_jax.models import iomm, mmdit
 
 TOL_TRANSFORMER = 1e-4
 TOL_MODULES = 1e-5

@@ -13,10 +13,8 @@ import pickle
 
 import numpy as np
 import pytest
-
-transformers = pytest.importorskip("transformers")
-
-from tokenizers import (  # noqa: E402
+import transformers
+from tokenizers import (
   AddedToken,
   Regex,
   Tokenizer,
@@ -27,8 +25,8 @@ from tokenizers import (  # noqa: E402
   trainers,
 )
 
-from iomm_jax.convert.hf_tokenizer import HFTokenizer  # noqa: E402
-from iomm_jax.data import pipeline  # noqa: E402
+from iomm_jax.convert.hf_tokenizer import HFTokenizer
+from iomm_jax.data import pipeline
 
 QWEN2_PRETOKENIZE = (
   r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

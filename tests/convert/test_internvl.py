@@ -19,15 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from iomm_jax.convert import internvl  # noqa: E402
-from iomm_jax.convert.tensors import ConversionError  # noqa: E402
-from iomm_jax.models import mllm as mllm_lib  # noqa: E402
+from iomm_jax.convert import internvl
+from iomm_jax.convert.tensors import ConversionError
+from iomm_jax.models import mllm as mllm_lib
 
 TOL = 1e-4
 VOCAB = 120
