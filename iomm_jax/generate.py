@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iomm_jax import sharding
 from iomm_jax.diffusion import masking, sampling
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
@@ -136,5 +137,5 @@ def generate(
       cfg_scale=float(cfg_scale),
       shift=float(shift),
     )
-    outs.append(np.asarray(out)[: len(cond_ids[sl])])
+    outs.append(sharding.to_host(out)[: len(cond_ids[sl])])  # multi-process: gathered
   return np.concatenate(outs)

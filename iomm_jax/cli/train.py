@@ -3,6 +3,10 @@
   iomm-train --config experiments/shapes/pretrain.py[:arg] --workdir W [--config.optim.lr=3e-4]
 
 The stage is ``config.stage``; re-running the same command resumes from the workdir.
+Multi-process (one process per host, or several on one machine): add
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` to each process's command
+(or set ``$IOMM_COORDINATOR``, ``$IOMM_NUM_PROCESSES``, ``$IOMM_PROCESS_ID``); under SLURM
+``srun`` the processes find each other themselves. ``config.sharding.mesh`` spans all devices.
 """
 
 from __future__ import annotations
@@ -22,13 +26,24 @@ LOOPS = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, samples")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, f"multi-process: host:port of process 0 (${runtime.COORDINATOR_ENV})"
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, f"multi-process: number of processes (or ${runtime.NUM_PROCESSES_ENV})"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, f"multi-process: this process's index (or ${runtime.PROCESS_ID_ENV})"
+)
 
 
 def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
-  runtime.enable_compilation_cache()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Before anything touches a backend: explicit flags / $IOMM_* / SLURM / $IOMM_DISTRIBUTED=auto.
+  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  runtime.enable_compilation_cache()
   config = _CONFIG.value
   if config.stage not in LOOPS:
     raise app.UsageError(f"config.stage={config.stage!r} unknown; choose from {sorted(LOOPS)}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from iomm_jax import sharding
 from iomm_jax.configs.base import STAGES
 
 
@@ -66,8 +67,13 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[leaf] = value
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Checks values that would otherwise fail late or silently; errors name the key."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Checks values that would otherwise fail late or silently; errors name the key.
+
+  ``num_devices`` / ``num_processes``: of the whole (possibly multi-process) run; the mesh
+  (``config.sharding.mesh``) must fit the devices and the batch must split over its data x fsdp
+  shards and over the processes.
+  """
   d, t = config.diffusion, config.train
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r} unknown; choose from {STAGES}")
@@ -77,10 +83,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.diffusion.mix_ratio={d.mix_ratio} must be in [0, 1]")
   if not 0.0 <= d.cond_dropout < 1.0:
     raise ValueError(f"config.diffusion.cond_dropout={d.cond_dropout} must be in [0, 1)")
-  if t.batch_size <= 0 or t.batch_size % num_devices:
-    raise ValueError(
-      f"config.train.batch_size={t.batch_size} does not divide over {num_devices} devices"
-    )
+  sharding.axis_rules(config)
+  sharding.check_batch(config, num_devices, num_processes)
   if t.num_steps <= 0:
     raise ValueError(f"config.train.num_steps={t.num_steps} must be positive")
   if not 0.0 <= t.ema_decay < 1.0:

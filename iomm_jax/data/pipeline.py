@@ -190,10 +190,13 @@ class Captioning(grain.transforms.Map):
 
 
 def local_batch_size(global_batch: int) -> int:
-  """Per-process batch; the global batch must divide over processes and devices."""
-  n_dev, n_proc = jax.device_count(), jax.process_count()
-  if global_batch % n_dev:
-    raise ValueError(f"config.train.batch_size={global_batch} does not divide over {n_dev} devices")
+  """Per-process batch: global / process count (``loading.validate`` checks that the global
+  batch also splits over the mesh's data x fsdp shards)."""
+  n_proc = jax.process_count()
+  if global_batch <= 0 or global_batch % n_proc:
+    raise ValueError(
+      f"config.train.batch_size={global_batch} does not divide over {n_proc} processes"
+    )
   return global_batch // n_proc
 
 

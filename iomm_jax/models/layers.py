@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iomm_jax import sharding
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -51,6 +53,25 @@ LOGICAL_AXES = (
 )
 
 default_kernel_init = nn.initializers.lecun_normal()
+
+
+def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding by logical axis names, e.g. ("batch", "length",
+  "embed"), under the mesh and rules bound while tracing (``sharding.with_rules``).
+
+  ``nn.with_logical_constraint`` with one difference: a mesh axis that does not divide its
+  dimension is left out (a batch of 4 on 8 data devices stays replicated). Without a mesh or
+  rules in scope it returns ``x`` itself, so single-device numerics are untouched.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  spec = sharding.mesh_axes_for(x.shape, tuple(names), rules, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+ACTIVATION = ("batch", "length", "embed")  # logical axes of a [B, L, D] residual stream
 
 
 def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:

@@ -506,8 +506,10 @@ class VisionEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    act = lambda a: layers.with_logical_constraint(a, layers.ACTIVATION)
+    x = act(x)
     for i in range(self.config.num_layers):
-      x = VisionLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(x)
+      x = act(VisionLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(x))
     return x
 
 
@@ -626,9 +628,10 @@ class TextModel(nn.Module):
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, L, D] embeddings, [B, L] positions, [B, 1, L, L] mask -> [B, L, D]."""
-    x = embeds.astype(self.dtype)
+    act = lambda a: layers.with_logical_constraint(a, layers.ACTIVATION)
+    x = act(embeds.astype(self.dtype))
     for layer in self.layers:
-      x = layer(x, positions, mask)
+      x = act(layer(x, positions, mask))
     return self.norm(x)
 
 

@@ -616,16 +616,20 @@ class MMDiT(nn.Module):
     temb = CombinedTimestepTextProjEmbeddings(d, c.guidance_embeds, name="time_text_embed", **kw)(
       timestep, pooled, guidance
     )
-    x = Dense(d, ("patch", "embed"), name="x_embedder", **kw)(img).astype(jnp.float32)
-    ctx = Dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt).astype(jnp.float32)
+    # Residual streams are constrained to (batch, length, embed) at every block boundary; a
+    # no-op unless a mesh and rules are bound (sharding.with_rules in a sharded train step).
+    act = lambda a: layers.with_logical_constraint(a, layers.ACTIVATION)
+    x = act(Dense(d, ("patch", "embed"), name="x_embedder", **kw)(img).astype(jnp.float32))
+    ctx = act(Dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt).astype(jnp.float32))
     ids = jnp.concatenate([txt_ids, img_ids], axis=1)  # condition first, as in diffusers
     angles = layers.rope_axes_freqs(ids, c.axes_dims_rope, ROPE_THETA)  # [B, Lt + Li, H/2]
     for i in range(c.num_layers):
       ctx, x = DoubleStreamBlock(name=f"transformer_blocks_{i}", **blk)(x, ctx, temb, angles)
+      ctx, x = act(ctx), act(x)
     lt = ctx.shape[1]
     h = jnp.concatenate([ctx, x], axis=1)
     for i in range(c.num_single_layers):
-      h = SingleStreamBlock(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles)
+      h = act(SingleStreamBlock(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles))
     x = AdaLayerNormContinuous(name="norm_out", zero_init=c.zero_init, **kw)(h[:, lt:], temb)
     out = Dense(
       c.out_features, ("embed", "patch"), name="proj_out", kernel_init=_init(c.zero_init), **kw

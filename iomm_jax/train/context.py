@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from iomm_jax import checkpointing, optim
+from iomm_jax import checkpointing, optim, runtime, sharding
 from iomm_jax.convert import internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
@@ -53,25 +53,41 @@ def train_tokenizer(config: ml_collections.ConfigDict, path: str) -> Tokenizer:
   return Tokenizer.train(corpus + [config.model.aux_prompt], TOKENIZER_VOCAB, path or None)
 
 
+def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``<workdir>/tokenizer.model``, trained there first if missing. Process 0 alone trains and
+  writes it; every process waits for it, so none reads a half-written file."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    train_tokenizer(config, path)
+  runtime.barrier(f"iomm_jax tokenizer {os.path.abspath(path)}")
+  return path
+
+
 def restore_params(
   workdir: str, boxed_params: Any, which: str = "params", step: int | None = None
 ) -> Any:
   """``params`` (or ``ema``) at ``step`` (default: the latest) of a run in ``workdir``, shaped
-  like the template.
+  like the (boxed) template.
 
   The run's optimiser is rebuilt from its ``config.json`` so the saved state can be matched.
+  Arrays land directly in their shards on the mesh of ``sharding.placing_on`` (placed by the
+  template's logical axes), else on this process's first device, whatever mesh saved them.
   """
   checkpointing.find_checkpoint_dir(workdir, "restore")
   cfg = loop.load_workdir_config(workdir)
   optimizer, _ = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-  params = nn.meta.unbox(boxed_params)
-  abstract = jax.eval_shape(lambda p: steps.create_state(p, optimizer), params)
+  boxed_state = jax.eval_shape(lambda p: steps.create_state(p, optimizer), boxed_params)
+  mesh, rules = sharding.placement() or (sharding.single_device_mesh(), ())
+  target = sharding.abstract_target(
+    boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
+  )
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
     saved = sorted(ckpt.manager.all_steps())
     if step is not None and step not in saved:
       raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; saved steps: {saved}")
-    state, _ = ckpt.restore(abstract, step=step)
+    state, _ = ckpt.restore(target, step=step)
   finally:
     ckpt.close()
   return getattr(state, which)

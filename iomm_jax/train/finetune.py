@@ -13,15 +13,15 @@ from iomm_jax import checkpointing
 from iomm_jax.train import context, generator, loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs stage 2 in ``workdir`` (resuming if it has a checkpoint); returns the last metrics."""
+def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
+  """Stage 2's model, data and sharded state in ``workdir``: resumed, else the stage-1 EMA
+  weights of ``config.train.init_from`` (restored straight onto this run's mesh), else fresh."""
   if config.stage != "finetune":
     raise ValueError(f"stage-2 loop given config.stage={config.stage!r}")
   src = config.train.init_from
   loop.prepare_workdir(config, workdir)  # validates init_from before anything else
   if src == "scratch":
-    run = generator.setup(config, workdir, sample_kind="text")
-    return loop.run(run)
+    return generator.setup(config, workdir, sample_kind="text")
   checkpointing.find_checkpoint_dir(src, "config.train.init_from")
   checkpointing.check_model_signature(loop.load_workdir_config(src).model.to_dict(), config, src)
 
@@ -29,5 +29,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Stage 2 continues from the stage-1 EMA weights (the ones the paper evaluates).
     return context.restore_params(src, boxed, which="ema")
 
-  run = generator.setup(config, workdir, init_from=init_from, sample_kind="text")
-  return loop.run(run)
+  return generator.setup(config, workdir, init_from=init_from, sample_kind="text")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs stage 2 in ``workdir`` (resuming if it has a checkpoint); returns the last metrics."""
+  return loop.run(setup(config, workdir))

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from iomm_jax import checkpointing, inference, metrics
+from iomm_jax import checkpointing, inference, metrics, sharding
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
+
+
+def frozen_shardings(model: iomm.IOMM, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
+  """Shardings of the frozen ``{"mllm", "codec"}`` parameters, by their logical axes."""
+  mllm = jax.eval_shape(lambda: iomm.init_mllm(model, 0))
+  codec = model.codec
+  if hasattr(codec, "module"):  # the VAE: its Linen module carries the logical axis names
+    f = codec.downsample
+    x = jax.ShapeDtypeStruct((1, f, f, codec.config.in_channels), jnp.float32)
+    codec_tree = jax.eval_shape(lambda: codec.module.init(iomm.init_key(0), x)["params"])
+  else:
+    codec_tree = jax.eval_shape(lambda: codec.init_params(iomm.init_key(0), model.image_size))
+  return {
+    "mllm": sharding.logical_shardings(mllm, mesh, rules),
+    "codec": sharding.logical_shardings(codec_tree, mesh, rules),
+  }
 
 
 def setup(
@@ -21,21 +40,30 @@ def setup(
   init_from: Callable[[Any], Any] | None = None,
   sample_kind: str = "text",
 ) -> loop.Run:
-  """Everything the step loop needs for a generator stage, restored or initialised."""
+  """Everything the step loop needs for a generator stage, restored or initialised, sharded over
+  the mesh of ``config.sharding`` (trainable state and frozen MLLM / codec alike)."""
   loop.prepare_workdir(config, workdir)
-  ctx = context.build(config, workdir)
+  mesh, rules = loop.mesh_and_rules(config)
+  if config.model.mllm_init != "checkpoint":  # trained once, by process 0 (build then loads it)
+    context.ensure_tokenizer(config, workdir)
+  with sharding.placing_on(mesh, rules):  # a stage-0 MLLM restores straight into its shards
+    ctx = context.build(config, workdir)
+  frozen_sh = frozen_shardings(ctx.model, mesh, rules)
+  ctx = dataclasses.replace(ctx, frozen=sharding.place(ctx.frozen, frozen_sh))
   data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
   null_ids, null_valid = ctx.conditioner.null_condition()
   loss_fn = steps.generator_loss_fn(
     ctx.model, config, jnp.asarray(null_ids), jnp.asarray(null_valid)
   )
-  optimizer, train_step = loop.make_jitted_step(loss_fn, config, config.train.num_steps)
-  state, ckpt, start = loop.restore_or_init(
+  optimizer, step = loop.make_train_step(loss_fn, config, config.train.num_steps)
+  state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,
     lambda: iomm.init_trainable(ctx.model, config.seed, ctx.conditioner.cond_len),
     optimizer,
     data_iter,
+    mesh,
+    rules,
     init_from=init_from,
   )
   meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
@@ -45,11 +73,12 @@ def setup(
     state,
     ctx.frozen,
     data_iter,
-    train_step,
+    sharding.jit_step(step, mesh, rules, state_sh, frozen_sh),
     ckpt,
     meta,
     sample_fn=lambda s: sample_grid(ctx, config, s, sample_kind),
     start_step=start,
+    mesh=mesh,
   )
 
 

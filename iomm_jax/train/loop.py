@@ -7,6 +7,7 @@ that builds its model, data, loss and frozen inputs and then calls these functio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -15,11 +16,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from iomm_jax import checkpointing, metrics, optim
+from iomm_jax import checkpointing, metrics, optim, sharding
 from iomm_jax.configs import loading
 from iomm_jax.train import steps
 
@@ -30,7 +31,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   A workdir that already holds checkpoints of another model config is refused here, before its
   ``config.json`` is touched.
   """
-  loading.validate(config, jax.device_count())
+  loading.validate(config, jax.device_count(), jax.process_count())
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     previous = load_workdir_config(workdir).model.to_dict()
@@ -49,9 +50,19 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, sharding.Rules]:
+  """The device mesh of ``config.sharding.mesh`` (over every process's devices) and the logical
+  axis rules of ``config.sharding.logical_axis_rules``."""
+  return sharding.make_mesh(config), sharding.axis_rules(config)
+
+
 @dataclasses.dataclass
 class Run:
-  """What the step loop needs: the jitted step, state, frozen inputs, data and outputs."""
+  """What the step loop needs: the jitted step, state, frozen inputs, data and outputs.
+
+  ``mesh``: where the state lives; batches are split over its ("data", "fsdp") axes (None: this
+  process's first device).
+  """
 
   config: ml_collections.ConfigDict
   workdir: str
@@ -63,6 +74,7 @@ class Run:
   meta: dict[str, Any]
   sample_fn: Callable[[steps.TrainState], np.ndarray] | None = None
   start_step: int = 0
+  mesh: Mesh | None = None
 
 
 def restore_or_init(
@@ -71,47 +83,55 @@ def restore_or_init(
   init_fn: Callable[[], Any],
   optimizer,
   data_iter: Any,
+  mesh: Mesh,
+  rules: sharding.Rules,
   init_from: Callable[[Any], Any] | None = None,
-) -> tuple[steps.TrainState, checkpointing.Checkpointer, int]:
-  """Resume ``workdir`` > initialise from an earlier stage (``init_from``) > fresh.
+) -> tuple[steps.TrainState, Any, checkpointing.Checkpointer, int]:
+  """Resume ``workdir`` > initialise from an earlier stage (``init_from``) > fresh, each landing
+  directly in the state's shards on ``mesh`` (placed by the parameters' logical axes, ``rules``).
 
   Args:
     init_fn: returns freshly initialised, boxed (logically annotated) trainable parameters;
       only called for a fresh start (otherwise only its shapes are traced).
-    init_from: maps the abstract boxed parameters to those loaded from an earlier stage.
+    init_from: maps the abstract boxed parameters to those loaded from an earlier stage (run
+      with ``mesh`` and ``rules`` bound, so ``context.restore_params`` restores them sharded).
   Returns:
-    state, the workdir's checkpointer and the step to start from.
+    state, its shardings, the workdir's checkpointer and the step to start from.
   """
+  boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer))
+  shardings = sharding.logical_shardings(boxed_state, mesh, rules)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
-  if latest is not None:
+  if latest is not None:  # a checkpoint saved on any mesh restores onto this one
     checkpointing.check_model_signature(ckpt.read_meta(latest)["model"], config, workdir)
-    abstract = jax.eval_shape(lambda: steps.create_state(nn.meta.unbox(init_fn()), optimizer))
-    state, _ = ckpt.restore(jax.tree_util.tree_map(_abstract, abstract), data_iter, latest)
+    target = sharding.abstract_target(boxed_state, shardings)
+    state, _ = ckpt.restore(target, data_iter, latest)
     print(f"resuming {workdir} at step {int(state.step)}", flush=True)
-    return state, ckpt, int(state.step)
+    return state, shardings, ckpt, int(state.step)
+  create = functools.partial(steps.create_state, optimizer=optimizer)
   if init_from is not None:
-    params = init_from(jax.eval_shape(init_fn))
+    with sharding.placing_on(mesh, rules):
+      params = init_from(jax.eval_shape(init_fn))
+    state = jax.jit(create, out_shardings=shardings)(params)
   else:
-    params = nn.meta.unbox(init_fn())
-  return steps.create_state(params, optimizer), ckpt, 0
+    state = jax.jit(lambda: create(nn.meta.unbox(init_fn())), out_shardings=shardings)()
+  return state, shardings, ckpt, 0
 
 
-def _abstract(x):
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-
-def make_jitted_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
-  """(optimizer, jitted train_step) for ``config.optim`` / ``config.train``; state donated."""
+def make_train_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
+  """(optimizer, pure train_step) for ``config.optim`` / ``config.train``; jit it with
+  ``sharding.jit_step``."""
   optimizer, schedule = optim.make_optimizer(config.optim, num_steps)
   step = steps.make_train_step(
     loss_fn, optimizer, schedule, config.train.ema_decay, config.train.ema_warmup
   )
+  return optimizer, step
+
+
+def make_jitted_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
+  """(optimizer, jitted train_step) on one device, state donated (benchmarks)."""
+  optimizer, step = make_train_step(loss_fn, config, num_steps)
   return optimizer, jax.jit(step, donate_argnums=(0,))
-
-
-def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 class _Preemption:
@@ -137,12 +157,13 @@ def run(run_: Run) -> dict[str, float]:
   c, start_step = run_.config, run_.start_step
   total = c.train.num_steps
   logger = metrics.MetricsLogger(run_.workdir, total, first_step=start_step)
-  rng = jax.random.key(c.seed)
+  mesh = run_.mesh or sharding.single_device_mesh()
+  rng = jax.jit(lambda: jax.random.key(c.seed), out_shardings=sharding.replicated(mesh))()
   state, last = run_.state, {}
   preempt = _Preemption()
   try:
     for step in range(start_step + 1, total + 1):
-      batch = _host_batch(next(run_.data_iter))
+      batch = sharding.global_batch(next(run_.data_iter), mesh, c.train.batch_size)
       state, m = run_.train_step(state, batch, run_.frozen, rng)
       if step % c.train.log_every == 0 or step == total or step == start_step + 1:
         last = logger.log(step, m)

@@ -7,42 +7,50 @@ workdir then serves as ``config.model.mllm_from`` of stages 1 and 2.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from iomm_jax import checkpointing
+from iomm_jax import checkpointing, sharding
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains the MLLM on captions; returns the last logged metrics."""
+def caption_len(config: ml_collections.ConfigDict, num_image_tokens: int) -> int:
+  """Length of a captioning sequence: [BOS] <img> image tokens </img> caption (+ EOS)."""
+  return num_image_tokens + 3 + config.model.max_text_len + 1
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
+  """Stage 0's model, data and (restored or fresh) state, sharded over the mesh of
+  ``config.sharding``."""
   loop.prepare_workdir(config, workdir)
-  tok_path = os.path.join(workdir, context.TOKENIZER_FILE)
-  tokenizer = (
-    context.Tokenizer.load(tok_path)
-    if os.path.exists(tok_path)
-    else context.train_tokenizer(config, tok_path)
-  )
+  tokenizer = context.Tokenizer.load(context.ensure_tokenizer(config, workdir))
   model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, config.model.aux_prompt, config.model.max_text_len
   )
-  seq_len = model.num_image_tokens + 3 + config.model.max_text_len + 1
+  seq_len = caption_len(config, model.num_image_tokens)
   data_iter = iter(pipeline.make_dataset(config, conditioner, seq_len=seq_len))
-  optimizer, train_step = loop.make_jitted_step(
+  mesh, rules = loop.mesh_and_rules(config)
+  optimizer, step = loop.make_train_step(
     steps.caption_loss_fn(model), config, config.train.num_steps
   )
-  state, ckpt, start = loop.restore_or_init(
+  state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,
     lambda: iomm.init_mllm(model, config.seed + context.MLLM_SEED),
     optimizer,
     data_iter,
+    mesh,
+    rules,
   )
   meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
-  return loop.run(
-    loop.Run(config, workdir, state, None, data_iter, train_step, ckpt, meta, start_step=start)
+  train_step = sharding.jit_step(step, mesh, rules, state_sh, None)
+  return loop.Run(
+    config, workdir, state, None, data_iter, train_step, ckpt, meta, start_step=start, mesh=mesh
   )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains the MLLM on captions; returns the last logged metrics."""
+  return loop.run(setup(config, workdir))

@@ -12,9 +12,13 @@ import ml_collections
 from iomm_jax.train import generator, loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs stage 1 in ``workdir`` (resuming if it has a checkpoint); returns the last metrics."""
+def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
+  """Stage 1's model, data and (restored or fresh) sharded state in ``workdir``."""
   if config.stage != "pretrain":
     raise ValueError(f"stage-1 loop given config.stage={config.stage!r}")
-  run = generator.setup(config, workdir, sample_kind="image")
-  return loop.run(run)
+  return generator.setup(config, workdir, sample_kind="image")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs stage 1 in ``workdir`` (resuming if it has a checkpoint); returns the last metrics."""
+  return loop.run(setup(config, workdir))

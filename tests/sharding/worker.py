@@ -1,0 +1,157 @@
+"""Runs stage loops on fake CPU devices for the sharding tests (a separate process, because the
+device count is fixed when JAX starts).
+
+  python tests/sharding/worker.py --devices 8 --out DIR RUN [RUN ...]
+
+Each RUN is ``name:stage:mesh:steps[:key=value,...]`` (mesh as ``2x4x1``, ``-`` = the default);
+keys ``mllm_from``, ``init_from`` take run names (their workdirs), resolved under ``DIR`` or
+``--base``. Each run trains without sample grids in ``DIR/<name>`` (resuming if it holds a
+checkpoint) and writes ``params.npz`` (path -> array) and ``specs.json`` (path -> PartitionSpec)
+there (from process 0), and ``result_<process>_<start step>.json`` (last metrics). Multi-process:
+``--coordinator ADDR --num_processes N --process_id I``; the results then also hold a digest of
+every training image the process read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXP = os.path.join(ROOT, "experiments", "shapes")
+
+
+def _args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser()
+  p.add_argument("--devices", type=int, default=1)
+  p.add_argument("--out", required=True)
+  p.add_argument("--base", default="", help="where runs named in mllm_from/init_from may live")
+  p.add_argument("--coordinator", default="")
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--samples", action="store_true", help="keep the end-of-run sample grid")
+  p.add_argument("runs", nargs="+")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  """Sets the device count, then trains each run in order."""
+  a = _args(argv)
+  import jax
+
+  jax.config.update("jax_num_cpu_devices", a.devices)
+  jax.config.update("jax_platforms", "cpu")
+  from absl import flags
+
+  flags.FLAGS.mark_as_parsed()
+  from iomm_jax import runtime
+
+  runtime.initialize_distributed(
+    a.coordinator or None,
+    a.num_processes if a.coordinator else None,
+    a.process_id if a.coordinator else None,
+  )
+  runtime.enable_compilation_cache()
+  for spec in a.runs:
+    train(spec, a)
+
+
+def _workdir(name: str, a: argparse.Namespace) -> str:
+  for root in (a.out, a.base):
+    if root and os.path.isdir(os.path.join(root, name)):
+      return os.path.join(root, name)
+  raise FileNotFoundError(f"run {name!r} not found under {a.out!r} or {a.base!r}")
+
+
+def train(spec: str, a: argparse.Namespace) -> None:
+  """Trains one ``name:stage:mesh:steps[:k=v,...]`` run and records its parameters."""
+  import jax
+  import numpy as np
+
+  from iomm_jax import sharding
+  from iomm_jax.configs.loading import load_config
+  from iomm_jax.train import finetune, loop, mllm, pretrain
+
+  name, stage, mesh, steps, *rest = spec.split(":")
+  extra = dict(kv.split("=", 1) for kv in (rest[0].split(",") if rest else []))
+  over = {
+    "train.num_steps": int(steps),
+    "train.log_every": 1,
+    "train.ckpt_every": 100,
+    "optim.warmup_steps": 0,  # every step updates
+    # Adam turns a gradient of roundoff size (the zero-initialised gates keep the condition path's
+    # gradients near 0 for the first steps) into a full +-lr step whose sign depends on the
+    # summation order; a larger epsilon scales such steps down, so runs on different meshes stay
+    # comparable to ~1e-6 while the real gradients (~1e-3 and up) still train.
+    "optim.eps": 1e-3,
+  }
+  if mesh != "-":
+    over["sharding.mesh"] = tuple(int(s) for s in mesh.split("x"))
+  if stage != "mllm":
+    # A constant schedule: runs of different lengths share one compiled step (and a resumed run
+    # follows the straight one exactly).
+    over["optim.schedule"] = "constant"
+  for key, cfg_key in (("mllm_from", "model.mllm_from"), ("init_from", "train.init_from")):
+    if key in extra:
+      over[cfg_key] = _workdir(extra.pop(key), a)
+  for k, v in extra.items():  # numbers as numbers
+    over[k] = int(v) if v.lstrip("-").isdigit() else v
+  c = load_config(os.path.join(EXP, f"{stage}.py:quick"), over)
+  wd = os.path.join(a.out, name)
+  setup = {"mllm": mllm.setup, "pretrain": pretrain.setup, "finetune": finetune.setup}[stage]
+  run = setup(c, wd)
+  if not a.samples:
+    run.sample_fn = None
+  digests = _read_like(c, wd, run.start_step) if a.num_processes > 1 else None
+  last = loop.run(run)
+  pid = jax.process_index()
+  result = {"last": last, "start_step": run.start_step, "process_count": jax.process_count()}
+  if digests is not None:  # the run's iterator stands where the copy read to: same batches
+    result["images"], copy_state = digests
+    result["same_iterator_state"] = copy_state == run.data_iter.get_state()
+  with open(os.path.join(wd, f"result_{pid}_{run.start_step}.json"), "w") as f:
+    json.dump(result, f)
+  flat = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
+  host = {_key(p): sharding.to_host(x) for p, x in flat}  # every process takes part in gathers
+  if pid == 0:
+    np.savez(os.path.join(wd, "params.npz"), **host)
+    spec = lambda tree: sharding.describe(jax.tree_util.tree_map(lambda x: x.sharding, tree))
+    specs = {"params": spec(run.state.params), "opt_state": spec(run.state.opt_state)}
+    specs["frozen"] = spec(run.frozen) if run.frozen is not None else {}
+    with open(os.path.join(wd, "specs.json"), "w") as f:
+      json.dump(specs, f)
+
+
+def _key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _read_like(config, wd: str, start_step: int) -> tuple[list[list[str]], dict]:
+  """SHA-1 digests of the images of each batch this process reads in steps start_step+1 ..
+  num_steps, from a fresh copy of the run's pipeline (same process shard), and the copy's
+  iterator state after them (the run's iterator must end in the same state)."""
+  from iomm_jax.data import pipeline
+  from iomm_jax.data.tokenizer import Tokenizer
+  from iomm_jax.models import mllm as mllm_lib
+  from iomm_jax.train import mllm
+
+  tokenizer = Tokenizer.load(os.path.join(wd, "tokenizer.model"))
+  n_img = mllm_lib.get_mllm_config(config.model.mllm).num_image_tokens
+  conditioner = pipeline.Conditioner(
+    tokenizer, n_img, config.model.aux_prompt, config.model.max_text_len
+  )
+  it = iter(pipeline.make_dataset(config, conditioner, seq_len=mllm.caption_len(config, n_img)))
+  seen = []
+  for step in range(1, config.train.num_steps + 1):
+    batch = next(it)
+    if step > start_step:
+      seen.append([hashlib.sha1(img.tobytes()).hexdigest() for img in batch["image"]])
+  return seen, it.get_state()
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  main()
