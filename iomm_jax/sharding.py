@@ -167,6 +167,8 @@ def logical_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   def one(leaf, spec):
     if not _is_box(leaf):
       return NamedSharding(mesh, PartitionSpec())
+    if not hasattr(leaf.value, "shape"):  # a leafless placeholder (optax's MaskedNode)
+      return leaf.value
     return NamedSharding(mesh, mesh_axes_for(leaf.value.shape, tuple(spec), rules, sizes))
 
   return jax.tree_util.tree_map(one, boxed, specs, is_leaf=_is_box)

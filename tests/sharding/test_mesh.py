@@ -137,3 +137,24 @@ def test_initialize_distributed_from_the_environment(monkeypatch):
   monkeypatch.delenv(runtime.NUM_PROCESSES_ENV)
   monkeypatch.delenv(runtime.PROCESS_ID_ENV)
   assert runtime.initialize_distributed() is False
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizer_state_is_placed_like_its_parameters(name):
+  from iomm_jax import optim
+  from iomm_jax.train import steps
+
+  c = cfg(**{"optim.name": name})
+  opt, _ = optim.make_optimizer(c.optim, 10)
+  params = {
+    "w": nn.LogicallyPartitioned(jnp.zeros((4, 6)), ("embed", "mlp")),
+    "b": nn.LogicallyPartitioned(jnp.zeros((6,)), ("mlp",)),
+  }
+  boxed = jax.eval_shape(lambda: steps.create_state(params, opt))
+  sh = sharding.logical_shardings(boxed, sharding.single_device_mesh(), sharding.axis_rules(c))
+  unboxed = sharding.unbox(boxed)
+  assert jax.tree_util.tree_structure(sh) == jax.tree_util.tree_structure(unboxed)
+  specs = sharding.describe(sh)
+  assert specs["params/w"] == specs["ema/w"] == ["fsdp", "tensor"] and specs["step"] == []
+  moments = {k: v for k, v in specs.items() if k.startswith("opt_state") and k.endswith("/w")}
+  assert moments and all(v == ["fsdp", "tensor"] for v in moments.values())
