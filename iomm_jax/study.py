@@ -87,6 +87,13 @@ def _slug(items: tuple[tuple[str, Any], ...]) -> str:
   return "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", f"{k.split('.')[-1]}={v}") for k, v in items)
 
 
+def _config(name: str, scale: Scale, steps: int, overrides: dict[str, Any] | None = None):
+  """One run's config at ``scale`` (the CI miniature samples no training-time grids: the study
+  reads only the evaluation)."""
+  extra = {"sample.num_grid": 0} if scale.quick else {}
+  return loading.load_config(_spec(name, scale, steps), {**(overrides or {}), **extra})
+
+
 def _finished(workdir: str, num_steps: int) -> bool:
   return num_steps in checkpointing.saved_steps(workdir)
 
@@ -132,7 +139,7 @@ def _same_run(root: str, wd: str, config) -> str | None:
 def mllm_dir(root: str, scale: Scale) -> str:
   """Trains (once) the study's frozen stage-0 MLLM; returns its workdir."""
   wd = os.path.join(root, "mllm")
-  _train(mllm.train_and_evaluate, loading.load_config(_spec("mllm", scale, scale.mllm_steps)), wd)
+  _train(mllm.train_and_evaluate, _config("mllm", scale, scale.mllm_steps), wd)
   return wd
 
 
@@ -147,12 +154,14 @@ def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -
   )
   common = {"seed": seed, "model.mllm_from": mllm_from, **dict(items)}
   if arm.pretrain == "image":
-    c = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps), common)
+    c = _config("pretrain", scale, scale.pretrain_steps, common)
     _train(pretrain.train_and_evaluate, c, wd)
   else:  # pairs only: the stage-2 loop with lambda = 0, at stage 1's steps and batch
     batch = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps)).train.batch_size
-    c = loading.load_config(
-      _spec("finetune", scale, scale.pretrain_steps),
+    c = _config(
+      "finetune",
+      scale,
+      scale.pretrain_steps,
       {
         **common,
         "diffusion.mix_ratio": 0.0,
@@ -202,7 +211,7 @@ def run_arm(
     "train.init_from": src or "scratch",
     **dict(arm.both + arm.finetune_overrides),
   }
-  c = loading.load_config(_spec("finetune", scale, scale.finetune_steps), overrides)
+  c = _config("finetune", scale, scale.finetune_steps, overrides)
   if not os.path.exists(wd) and (same := _same_run(root, wd, c)):
     os.makedirs(os.path.dirname(wd), exist_ok=True)
     os.symlink(os.path.relpath(same, os.path.dirname(wd)), wd)  # one run, two questions

@@ -70,7 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.cfg_scale = 4.0  # classifier-free guidance scale (1 = off)
   s.shift = 1.0  # sampling time-grid shift
   s.use_ema = True  # sample with EMA parameters
-  s.num_grid = 8  # prompts in the training-time sample grid
+  s.num_grid = 8  # prompts in the training-time sample grid (0: no grid is sampled)
   s.per_prompt = 4  # images per prompt in the sample grid
 
   c.optim = o = ml_collections.ConfigDict()

@@ -76,7 +76,9 @@ def setup(
     sharding.jit_step(step, mesh, rules, state_sh, frozen_sh),
     ckpt,
     meta,
-    sample_fn=lambda s: sample_grid(ctx, config, s, sample_kind),
+    sample_fn=(
+      (lambda s: sample_grid(ctx, config, s, sample_kind)) if config.sample.num_grid else None
+    ),
     start_step=start,
     mesh=mesh,
   )

@@ -75,6 +75,8 @@ def test_question_1_miniature(tmp_path):
     mix = json.load(f)
   assert mix["diffusion"]["mix_ratio"] == 0.5
   assert mix["train"]["init_from"] == os.path.join(root, "pretrain", "image-s0")
+  # the miniature samples no training-time grids (config.sample.num_grid = 0)
+  assert not [f for d, _, fs in os.walk(root) for f in fs if f.startswith("samples_")]
   with open(os.path.join(root, "q1", "results_quick.json")) as f:
     assert set(json.load(f)) == set(results)
   # question 7 scores question 1's trained runs on zero-shot editing, training nothing new
