@@ -180,7 +180,9 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
   """A finished stage-2 run's report (cached in its eval/ folder): ``overall`` plus a flat
   ``categories`` dict, for the shapes GenEval or for zero-shot editing."""
   n = scale.num_per_prompt if metric == "geneval" else scale.edits_per_kind
-  path = os.path.join(wd, "eval", f"study_{metric}_{n}.json")
+  # v2 of the editing report adds the reconstruction control (older caches are recomputed)
+  name = f"study_{metric}_{n}.json" if metric == "geneval" else f"study_{metric}_v2_{n}.json"
+  path = os.path.join(wd, "eval", name)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -191,6 +193,7 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
     r = shapes_editing.evaluate(config, ctx, params, per_kind=n, seed=0)
     cats = {f"{k} success": v["success"] for k, v in r["kinds"].items()}
     cats.update({f"{k} preservation": v["preservation"] for k, v in r["kinds"].items()})
+    cats.update({f"reconstruct {k}": v["preservation"] for k, v in r["reconstruction"].items()})
     report = {"overall": r["success"], "categories": cats, "raw": r}
   os.makedirs(os.path.dirname(path), exist_ok=True)
   checkpointing.save_json(path, report)

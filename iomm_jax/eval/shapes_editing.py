@@ -8,12 +8,18 @@ Tasks (each on a random source scene of 1 to grid**2 - 1 objects):
   * ``recolor``: "make the {shape} {colour}": the scene's only object of that shape, recoloured;
   * ``add``: "add a {colour} {shape}": a new object in a free cell.
 
+A control, plain reconstruction: the stage-1 condition itself (auxiliary prompt, no instruction)
+on a source scene, its vision tokens masked at ratio r (0, and training's 0.85). It separates "the
+model cannot carry the source image through" from "the instruction derails it".
+
 Scores, by the deterministic detector:
   * success: the output holds an object of the edit's shape and colour in the edited cell (the
     recoloured object's; for ``add``, the free cell the target puts it in: the instruction does
     not name a place, so an add elsewhere counts as a failure and the score is a lower bound);
   * preservation: the share of the other source objects found unchanged (same shape and colour,
-    same grid cell).
+    same grid cell);
+  * reconstruction: the share of source objects found unchanged, and of scenes reproduced
+    exactly (every object found, nothing else).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector
 
 KINDS = ("recolor", "add")
+RECONSTRUCT_RATIOS = (0.0, 0.85)  # mask ratios of the reconstruction control
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +128,52 @@ def edit_conditions(conditioner: pipeline.Conditioner, instructions: list[str]):
   return np.stack(ids), np.stack(valid)
 
 
-def evaluate(config, ctx, params, per_kind: int = 32, seed: int = 0) -> dict[str, Any]:
-  """Zero-shot editing scores of a loaded generator, overall and per kind."""
+def score_reconstruction(
+  image: np.ndarray, scene: shapes.Scene, world: shapes.WorldConfig
+) -> tuple[bool, float]:
+  """(the scene is reproduced exactly, share of its objects found unchanged in their cells)."""
+  dets = [d for d in shapes_detector.detect(image, world) if d.shape is not None]
+  found = {(_cell(d, world), d.shape, d.color) for d in dets}
+  want = {((o.row, o.col), o.shape, o.color) for o in scene.objects}
+  return found == want, float(np.mean([w in found for w in want]))
+
+
+def reconstruct(
+  config, ctx, params, n: int = 32, seed: int = 0, mask_ratios=RECONSTRUCT_RATIOS
+) -> dict[str, dict[str, float]]:
+  """The reconstruction control: ``n`` random source scenes under the stage-1 condition, masked
+  at each ratio; ``{"r=0.0": {"exact": ., "preservation": .}, ...}``."""
+  world = pipeline.world_from_config(config)
+  rng = np.random.default_rng((seed, 8))
+  scenes = [shapes.sample_scene(rng, world) for _ in range(n)]
+  sources = np.stack([shapes.render(sc, world) for sc in scenes])
+  ids, valid = ctx.conditioner.image_condition()
+  ids, valid = np.tile(ids, (n, 1)), np.tile(valid, (n, 1))
+  out = {}
+  for r in mask_ratios:
+    images = inference.sample(config, ctx, params, ids, valid, seed, images=sources, mask_ratio=r)
+    rs = [score_reconstruction(img, sc, world) for img, sc in zip(images, scenes, strict=True)]
+    out[f"r={r}"] = {
+      "exact": float(np.mean([e for e, _ in rs])),
+      "preservation": float(np.mean([p for _, p in rs])),
+    }
+  return out
+
+
+def evaluate(
+  config, ctx, params, per_kind: int = 32, seed: int = 0, reconstruction: bool = True
+) -> dict[str, Any]:
+  """Zero-shot editing scores of a loaded generator, overall and per kind, plus (unless
+  ``reconstruction`` is False) the reconstruction control on ``per_kind`` scenes."""
   world = pipeline.world_from_config(config)
   tasks = make_tasks(world, per_kind, seed)
   ids, valid = edit_conditions(ctx.conditioner, [t.instruction for t in tasks])
   sources = np.stack([shapes.render(t.source, world) for t in tasks])
   images = inference.sample(config, ctx, params, ids, valid, seed, images=sources, mask_ratio=0.0)
-  return summarise([score(img, t, world) for img, t in zip(images, tasks, strict=True)], tasks)
+  out = summarise([score(img, t, world) for img, t in zip(images, tasks, strict=True)], tasks)
+  if reconstruction:
+    out["reconstruction"] = reconstruct(config, ctx, params, per_kind, seed)
+  return out
 
 
 def _preservation(results: list[tuple[bool, float | None]]) -> float:

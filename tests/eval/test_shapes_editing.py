@@ -40,6 +40,19 @@ def test_scorer_on_targets_and_on_unedited_copies():
   assert set(s_target["kinds"]) == {"recolor", "add"}
 
 
+def test_reconstruction_scorer():
+  rng = np.random.default_rng(0)
+  scenes = [shapes.sample_scene(rng, WORLD) for _ in range(16)]
+  same = [E.score_reconstruction(shapes.render(sc, WORLD), sc, WORLD) for sc in scenes]
+  assert all(e for e, _ in same) and all(p == 1.0 for _, p in same)
+  blank = np.full((24, 24, 3), 255, np.uint8)
+  assert all(E.score_reconstruction(blank, sc, WORLD) == (False, 0.0) for sc in scenes)
+  # another scene: not exact, and only objects that happen to coincide count as preserved
+  pairs = zip(scenes, scenes[1:])
+  other = [E.score_reconstruction(shapes.render(b, WORLD), a, WORLD) for a, b in pairs]
+  assert not all(e for e, _ in other) and np.mean([p for _, p in other]) < 0.5
+
+
 @pytest.fixture(scope="module")
 def conditioner(tmp_path_factory):
   corpus = shapes.all_caption_corpus(WORLD) + [shapes.AUX_PROMPT]

@@ -84,6 +84,7 @@ def test_question_1_miniature(tmp_path):
     "q7", q1.ARMS[2:3], [0], study.SCALES["quick"], root, metric="editing", runs="q1"
   )
   assert set(edits["Image->Mix"]["categories"]) == {
-    "recolor success", "add success", "recolor preservation", "add preservation"
+    "recolor success", "add success", "recolor preservation", "add preservation",
+    "reconstruct r=0.0", "reconstruct r=0.85",
   }  # fmt: skip
   assert not os.path.exists(os.path.join(root, "q7"))
