@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,3 +17,17 @@ from iomm_jax import runtime  # noqa: E402
 
 runtime.enable_compilation_cache()
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def quick_mllm(tmp_path_factory):
+  """(workdir, last metrics) of a stage-0 MLLM on the quick shapes config, trained once per test
+  session and shared read-only by the tests that need a frozen MLLM to condition on."""
+  from iomm_jax.configs.loading import load_config
+  from iomm_jax.train import mllm
+
+  wd = str(tmp_path_factory.mktemp("quick_mllm") / "mllm")
+  last = mllm.train_and_evaluate(
+    load_config(os.path.join(ROOT, "experiments", "shapes", "mllm.py:quick")), wd
+  )
+  return wd, last

@@ -9,8 +9,6 @@ import stat
 
 import pytest
 
-from iomm_jax.configs.loading import load_config
-from iomm_jax.train import mllm
 from launch import common, sweep
 
 EXP = os.path.join(common.ROOT, "experiments", "shapes")
@@ -119,10 +117,8 @@ def test_local_runs_iomm_train_per_point_and_resumes_after_a_failure(tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("runs") / "mllm")
-  mllm.train_and_evaluate(load_config(f"{EXP}/mllm.py:quick"), wd)
-  return wd
+def stage0(quick_mllm):
+  return quick_mllm[0]  # tests/conftest.py: trained once per session
 
 
 def test_local_quick_sweep_runs_reports_and_skips_finished(stage0, tmp_path, capsys):

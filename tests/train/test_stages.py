@@ -11,7 +11,7 @@ import pytest
 from iomm_jax import metrics
 from iomm_jax.configs import loading
 from iomm_jax.configs.loading import load_config
-from iomm_jax.train import context, finetune, mllm, pretrain
+from iomm_jax.train import context, finetune, pretrain
 
 EXP = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "experiments", "shapes"
@@ -23,10 +23,8 @@ def cfg(name, **overrides):
 
 
 @pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("runs") / "mllm")
-  last = mllm.train_and_evaluate(cfg("mllm"), wd)
-  return wd, last
+def stage0(quick_mllm):
+  return quick_mllm  # tests/conftest.py: trained once per session
 
 
 @pytest.fixture(scope="module")
