@@ -118,6 +118,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _square(img: Image.Image, resolution: int) -> Image.Image:
   """Centre square of ``img`` resized to ``resolution`` (Lanczos), in one resampling pass."""
   w, h = img.size
+  if w == h == resolution:  # already prepared at this size (training-time reads)
+    return img
   side = min(w, h)
   left, top = (w - side) / 2, (h - side) / 2
   box = (left, top, left + side, top + side)
