@@ -198,3 +198,17 @@ def test_stage1_trains_on_prepared_data_with_a_corrupt_record(tmp_path_factory):
   assert all(np.isfinite(r["loss"]) for r in recs)
   counts = [r["data_skipped"] for r in recs]
   assert counts == sorted(counts) and counts[-1] >= 2  # cumulative
+
+
+def test_iterator_state_restores_the_stream(data_dir, conditioner):
+  c = cfg(**{"data.source": "array_record", "data.path": data_dir})
+  it = iter(pipeline.make_dataset(c, conditioner))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  again = iter(pipeline.make_dataset(c, conditioner))
+  again.set_state(state)
+  for x, y in zip(want, [next(again) for _ in range(3)]):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
