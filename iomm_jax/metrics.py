@@ -69,7 +69,8 @@ class MetricsLogger:
   def progress_line(self, step: int, host: dict[str, float]) -> str:
     eta = host["eta_s"]
     eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if np.isfinite(eta) else "?"
-    extra = " ".join(f"{k}={host[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in host)
+    keys = ("loss", "lr", "grad_norm", "data_skipped")
+    extra = " ".join(f"{k}={host[k]:.4g}" for k in keys if k in host)
     return (
       f"[{os.path.basename(self.workdir.rstrip('/'))}] step {step}/{self.total} "
       f"({100 * step / max(self.total, 1):.0f}%) {extra} "

@@ -45,7 +45,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.mllm_init = "checkpoint"  # "checkpoint" (from mllm_from) or "random" (ablation)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "shapes"  # dataset; "shapes" is the embedded procedural world
+  d.source = "shapes"  # "shapes" (embedded procedural world), "array_record" or "tfds"
+  d.path = ""  # "array_record": an iomm-prepare output folder; "tfds": builder dir or data_dir
+  d.tfds_name = ""  # "tfds": dataset name in data_dir=path ("" = path is a builder directory)
+  d.tfds_split = "train"  # "tfds": the split trained on
+  d.image_key = "image"  # "tfds": the image feature
+  d.caption_key = "caption"  # "tfds": the caption feature (missing = image-only)
   d.canvas = 32  # shapes world: canvas side in pixels
   d.grid = 2  # shapes world: objects sit in a grid x grid layout of cells
   d.num_pairs = 2000  # stage 2: size of the fixed curated text-image pair set

@@ -39,7 +39,7 @@ from iomm_jax.configs.loading import parse_arg
 PRETRAIN_IMAGES = 11_000_000  # Megalith-10M + text-to-image-2M (paper.md §3.1)
 FINETUNE_IMAGES = 210_000  # BLIP3o-60K + Echo-4o-Image + ShareGPT-4o-Image (§3.2)
 FINETUNE_EPOCHS = 10  # App. C.3's recipe study (~8.2K steps at batch 256)
-DATA_SOURCE = "array_record"  # prepared shards (a later issue); pipeline.py builds only "shapes"
+DATA_SOURCE = "array_record"  # shards written by iomm-prepare (iomm_jax/data/sources.py)
 MAX_TEXT_LEN = 256  # prompt token limit (not in the paper; long GPT-4o-style captions fit)
 
 
@@ -119,8 +119,6 @@ def paper_config(name: str, stage: str, arg: str | None = None) -> ml_collection
   m.param_dtype = "float32"
 
   c.data.source = DATA_SOURCE
-  if "path" not in c.data:  # until the base config defines it (the data-loader issue)
-    c.data.path = ""
   c.data.path = a.data
   c.data.image_only_source = "pairs"  # stage 2's image-only half: the pair images, uncaptioned
 

@@ -1,4 +1,5 @@
-"""grain input pipelines of the three stages, over the embedded shapes world.
+"""grain input pipelines of the three stages, over the embedded shapes world (real data:
+``config.data.source`` "array_record" or "tfds", built by ``iomm_jax.data.sources``).
 
 Every element is a dict of numpy arrays; batches add a leading axis. Per-element randomness comes
 from grain's seeded ``random_map`` or from the element index, so an iterator restored from a
@@ -22,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from iomm_jax.data import shapes
+from iomm_jax.data import shapes, sources
 from iomm_jax.data.tokenizer import Tokenizer
 
 
@@ -66,6 +67,11 @@ class Conditioner:
     ids, _ = self.tokenizer.encode_padded(prompts, self.max_text_len)
     rows = [self._pad([int(i) for i in r if i != self.tokenizer.pad_id]) for r in ids]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+  def truncated_text_condition(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """[cond_len] ids and validity of one prompt cut to ``max_text_len`` tokens (real captions:
+    a long one is shortened, not an error)."""
+    return self._pad(self.tokenizer.encode(prompt, bos=True)[: self.max_text_len])
 
   def null_condition(self) -> tuple[np.ndarray, np.ndarray]:
     return self._pad([self.tokenizer.bos_id])
@@ -210,6 +216,23 @@ def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.It
       num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch
     )
   )
+  return _prefetch(it, config)
+
+
+def _finish_records(ds: grain.MapDataset, where: str, config) -> grain.IterDataset:
+  """Like ``_finish`` for real records: batched after the undecodable ones are dropped."""
+  ds = ds[jax.process_index() :: jax.process_count()]
+  batch = local_batch_size(config.train.batch_size)
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch * batch
+    )
+  )
+  it = sources.SkipUndecodable(it, where).batch(batch, drop_remainder=True)
+  return _prefetch(it, config)
+
+
+def _prefetch(it: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
   if config.data.num_workers > 0:
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(
@@ -222,12 +245,10 @@ def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.It
 def make_dataset(
   config: ml_collections.ConfigDict, conditioner: Conditioner, seq_len: int = 0
 ) -> grain.IterDataset:
-  """The batched training dataset of ``config.stage``."""
+  """The batched training dataset of ``config.stage`` over ``config.data.source``."""
   world, seed = world_from_config(config), config.seed
-  if config.data.source != "shapes":
-    raise ValueError(
-      f"config.data.source={config.data.source!r} unknown; only 'shapes' is built in"
-    )
+  if config.data.source != "shapes":  # real data (iomm_jax.data.sources)
+    return _finish_records(*sources.record_dataset(config, conditioner), config)
   if config.stage == "mllm":
     ds = grain.MapDataset.source(ShapesStream(world, seed + 1))
     return _finish(

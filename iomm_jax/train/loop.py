@@ -152,8 +152,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._prev)
 
 
+def _sum_over_processes(count: int) -> int:
+  """``count`` summed over all processes (every process logs at the same steps)."""
+  if jax.process_count() == 1:
+    return count
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
 def run(run_: Run) -> dict[str, float]:
-  """The step loop: train, log, checkpoint, sample; returns the last logged metrics."""
+  """The step loop: train, log, checkpoint, sample; returns the last logged metrics.
+
+  ``data_skipped`` (logged when the pipeline provides it): records dropped as undecodable since
+  this process started, summed over processes.
+  """
   c, start_step = run_.config, run_.start_step
   total = c.train.num_steps
   logger = metrics.MetricsLogger(run_.workdir, total, first_step=start_step)
@@ -161,11 +174,17 @@ def run(run_: Run) -> dict[str, float]:
   rng = jax.jit(lambda: jax.random.key(c.seed), out_shardings=sharding.replicated(mesh))()
   state, last = run_.state, {}
   preempt = _Preemption()
+  skipped = None  # undecodable records dropped by a real-data pipeline (data.sources)
   try:
     for step in range(start_step + 1, total + 1):
-      batch = sharding.global_batch(next(run_.data_iter), mesh, c.train.batch_size)
+      local = next(run_.data_iter)
+      if "data_skipped" in local:  # host-side count, kept out of the jitted step
+        skipped = (skipped or 0) + int(np.sum(local.pop("data_skipped")))
+      batch = sharding.global_batch(local, mesh, c.train.batch_size)
       state, m = run_.train_step(state, batch, run_.frozen, rng)
       if step % c.train.log_every == 0 or step == total or step == start_step + 1:
+        if skipped is not None:
+          m = {**m, "data_skipped": _sum_over_processes(skipped)}
         last = logger.log(step, m)
         if last["nonfinite"] >= c.train.max_nonfinite:
           raise FloatingPointError(

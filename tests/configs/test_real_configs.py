@@ -179,11 +179,10 @@ def test_loads_without_arguments_but_training_names_what_is_missing():
     loading.validate(loading.load_config(_spec("iomm_b", "finetune", PATHS)), num_devices=1)
 
 
-def test_unbuilt_data_source_is_a_clear_error():
-  # Only data.source='shapes' has a loader today; when the ArrayRecord loader lands, replace
-  # this with a test of it.
+def test_missing_prepared_data_is_a_clear_error():
+  # The ArrayRecord loader itself is tested in tests/data/test_sources.py.
   c = _load("iomm_b", "pretrain")
-  with pytest.raises(ValueError, match="config.data.source='array_record'"):
+  with pytest.raises(FileNotFoundError, match="config.data.path='/d/shards'"):
     pipeline.make_dataset(c, conditioner=None)
 
 
