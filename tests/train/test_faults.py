@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from iomm_jax import checkpointing, metrics, sharding
+from iomm_jax.configs import loading
 from iomm_jax.configs.loading import load_config
 from iomm_jax.train import loop
 
@@ -150,6 +151,11 @@ def test_a_transient_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
   assert [r["nonfinite"] for r in recs] == [0.0, 0.0, 1.0, 0.0]
   assert not np.isfinite(recs[2]["loss"]) and np.isfinite(recs[3]["loss"])
   assert np.isfinite(np.asarray(run_.state.params["w"])).all()
+
+
+def test_max_nonfinite_must_be_positive():
+  with pytest.raises(ValueError, match="config.train.max_nonfinite=0 must be at least 1"):
+    loading.validate(toy_config(**{"train.max_nonfinite": 0}), num_devices=1)
 
 
 # ----------------------------------------------------------------------------- checkpoints
