@@ -464,15 +464,22 @@ def test_cli_disk_full_is_a_clear_error_and_keeps_earlier_checkpoints(interrupte
   wd = copy_run(ref, str(tmp_path / "w"))
   subprocess.run(["rm", "-r", os.path.join(wd, "checkpoints", str(STEPS))], check=True)
   before = tree_files(os.path.join(wd, "checkpoints", str(STEPS - 2)))
-  _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-
-  def full_disk():  # in the child: files cannot grow past 32 KiB, as on a full disk
-    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
   run = Train(stage, wd)
-  run.start(preexec_fn=full_disk)
-  rc, out, err = run.finish()
+  # Files cannot grow past 32 KiB, as on a full disk (EFBIG instead of ENOSPC); set in a wrapper
+  # that execs the command (no preexec_fn: forking a multithreaded JAX process). Output goes to
+  # pipes, which the limit does not cover.
+  full_disk = (
+    "import os, resource, signal, sys; "
+    "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]; "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard)); "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", full_disk, *run.argv[1:]],
+    cwd=ROOT, env=run.env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  rc, out, err = proc.returncode, proc.stdout, proc.stderr
   assert rc != 0 and f"resuming {wd} at step {STEPS - 2}" in out
   assert "CheckpointWriteError: [Errno 27] could not write the checkpoint of step" in err
   assert f"in {wd}/checkpoints: [EFBIG: File too large]" in err
