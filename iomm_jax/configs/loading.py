@@ -89,6 +89,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     raise ValueError(f"config.train.num_steps={t.num_steps} must be positive")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ValueError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1)")
+  if t.max_nonfinite < 1:
+    raise ValueError(f"config.train.max_nonfinite={t.max_nonfinite} must be at least 1")
   if config.stage == "finetune" and not t.init_from:
     raise ValueError(
       "config.train.init_from is empty: a fine-tune (stage 2) starts from a "

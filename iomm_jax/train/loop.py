@@ -100,12 +100,11 @@ def restore_or_init(
   """
   boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer))
   shardings = sharding.logical_shardings(boxed_state, mesh, rules)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:  # a checkpoint saved on any mesh restores onto this one
-    checkpointing.check_model_signature(ckpt.read_meta(latest)["model"], config, workdir)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, writer=True)
+  if ckpt.latest_step() is not None:  # a checkpoint saved on any mesh restores onto this one
+    check = lambda meta: checkpointing.check_model_signature(meta["model"], config, workdir)
     target = sharding.abstract_target(boxed_state, shardings)
-    state, _ = ckpt.restore(target, data_iter, latest)
+    state, _ = ckpt.restore(target, data_iter, check_meta=check)  # the newest that restores
     print(f"resuming {workdir} at step {int(state.step)}", flush=True)
     return state, shardings, ckpt, int(state.step)
   create = functools.partial(steps.create_state, optimizer=optimizer)
@@ -166,13 +165,22 @@ def run(run_: Run) -> dict[str, float]:
 
   ``data_skipped`` (logged when the pipeline provides it): records dropped as undecodable since
   this process started, summed over processes.
+
+  Faults:
+    * SIGTERM (preemption): checkpoint at the next step boundary and return (``iomm-train``
+      exits 0); the same command resumes there.
+    * ``config.train.max_nonfinite`` non-finite updates in a row (each skipped by the step):
+      ``FloatingPointError``, before anything later is saved; the last checkpoint is the last
+      good state.
+    * A checkpoint write that fails (e.g. disk full): ``checkpointing.CheckpointWriteError`` at
+      the next log step, save or the end; earlier checkpoints are intact.
   """
   c, start_step = run_.config, run_.start_step
   total = c.train.num_steps
   logger = metrics.MetricsLogger(run_.workdir, total, first_step=start_step)
   mesh = run_.mesh or sharding.single_device_mesh()
   rng = jax.jit(lambda: jax.random.key(c.seed), out_shardings=sharding.replicated(mesh))()
-  state, last = run_.state, {}
+  state, last, prev = run_.state, {}, None
   preempt = _Preemption()
   skipped = None  # undecodable records dropped by a real-data pipeline (data.sources)
   try:
@@ -182,21 +190,24 @@ def run(run_: Run) -> dict[str, float]:
         skipped = (skipped or 0) + int(np.sum(local.pop("data_skipped")))
       batch = sharding.global_batch(local, mesh, c.train.batch_size)
       state, m = run_.train_step(state, batch, run_.frozen, rng)
+      if prev is not None:  # the previous step's counter: by now (nearly) computed, so reading
+        _stop_if_nonfinite(run_, logger, *prev)  # it does not stall the step just dispatched
+      prev = (step, m, False)
       if step % c.train.log_every == 0 or step == total or step == start_step + 1:
         if skipped is not None:
           m = {**m, "data_skipped": _sum_over_processes(skipped)}
         last = logger.log(step, m)
-        if last["nonfinite"] >= c.train.max_nonfinite:
-          raise FloatingPointError(
-            f"{int(last['nonfinite'])} non-finite updates in a row at step {step} "
-            f"(config.train.max_nonfinite={c.train.max_nonfinite}); the last checkpoint in "
-            f"{run_.workdir} is intact"
-          )
-      if step % c.train.ckpt_every == 0 or step == total or preempt.requested:
-        run_.checkpointer.save(step, state, run_.data_iter, run_.meta)
-      if run_.sample_fn is not None and (
+        prev = (step, m, True)
+        run_.checkpointer.poll()
+      save = step % c.train.ckpt_every == 0 or step == total or preempt.requested
+      sample = run_.sample_fn is not None and (
         step == total or (c.train.sample_every and step % c.train.sample_every == 0)
-      ):
+      )
+      if save or sample:  # never save or sample a state past the limit
+        _stop_if_nonfinite(run_, logger, *prev)
+      if save:
+        run_.checkpointer.save(step, state, run_.data_iter, run_.meta)
+      if sample:
         logger.write_image(step, "samples", run_.sample_fn(state))
       if preempt.requested:
         print(f"SIGTERM: saved step {step}, exiting", flush=True)
@@ -207,3 +218,23 @@ def run(run_: Run) -> dict[str, float]:
     logger.close()
   run_.state = state
   return last
+
+
+def _stop_if_nonfinite(run_: Run, logger: metrics.MetricsLogger, step: int, m, logged: bool):
+  """Raises FloatingPointError once ``m["nonfinite"]`` (consecutive skipped updates up to
+  ``step``) reaches ``config.train.max_nonfinite``, after logging ``step``'s metrics.
+
+  One scalar fetch per step; the loop reads the previous step's counter, so on an accelerator
+  the host still queues the next step while the current one runs.
+  """
+  limit = run_.config.train.max_nonfinite
+  n = int(m["nonfinite"])
+  if n < limit:
+    return
+  if not logged:
+    logger.log(step, m)
+  raise FloatingPointError(
+    f"{n} non-finite updates in a row at step {step} (config.train.max_nonfinite={limit}); "
+    f"each update was skipped (the parameters are the last finite ones) and nothing was saved "
+    f"past the limit: the last checkpoint in {run_.workdir} is intact"
+  )
