@@ -353,7 +353,8 @@ class Train:
     self.argv = [
       sys.executable, "-m", "iomm_jax.cli.train", "--config", f"experiments/shapes/{exp}",
       "--workdir", workdir, "--config.model.mllm_init=random",
-      f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2", *extra,
+      f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2",
+      "--config.sample.num_grid=0", *extra,
     ]  # fmt: skip
     path = os.environ.get("PYTHONPATH")
     self.env = {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
