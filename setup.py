@@ -27,6 +27,7 @@ setup(
       "iomm-demo=iomm_jax.cli.demo:main",
       "iomm-eval=iomm_jax.cli.evaluate:main",
       "iomm-convert=iomm_jax.cli.convert:main",
+      "iomm-plan=iomm_jax.cli.plan:main",
     ]
   },
 )
