@@ -25,7 +25,7 @@ def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
   if hasattr(codec, "module"):  # the VAE: its Linen module carries the logical axis names
     f = codec.downsample
     x = jax.ShapeDtypeStruct((1, f, f, codec.config.in_channels), jnp.float32)
-    codec_tree = jax.eval_shape(lambda: codec.module.init(iomm.init_key(0), x)["params"])
+    codec_tree = jax.eval_shape(lambda x: codec.module.init(iomm.init_key(0), x)["params"], x)
   else:
     codec_tree = jax.eval_shape(lambda: codec.init_params(iomm.init_key(0), model.image_size))
   return {"mllm": mllm, "codec": codec_tree}

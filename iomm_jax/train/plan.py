@@ -159,7 +159,7 @@ def plan(
     "batch": per_device_bytes(batch),
   }
   bytes_["state_and_inputs"] = per_device_bytes((state, batch, frozen))  # + the 8-byte rng
-  notes = [CPU_NOTE] if jax.devices()[0].platform == "cpu" else []
+  notes = [CPU_NOTE] if compile and jax.devices()[0].platform == "cpu" else []
   if not layout.exact:
     notes.append(
       f"condition length {layout.cond_len} estimated (the tokenizer of config.model.mllm="
