@@ -1,4 +1,5 @@
-"""Command-line entry points (``iomm-train``, ``iomm-sample``, ``iomm-eval``, ``iomm-demo``)."""
+"""Command-line entry points (``iomm-train``, ``iomm-sample``, ``iomm-eval``, ``iomm-demo``,
+``iomm-convert``, ``iomm-plan``)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.max_text_len = 24  # token limit of a text prompt (longer prompts are an error)
   m.aux_prompt = AUX_PROMPT  # fixed auxiliary prompt of image-only conditions (paper §2.2)
   m.attention = "xla"  # generator attention kernel: "xla" (any backend) or "cudnn" (GPU, bf16)
+  m.remat = "none"  # recompute blocks in the backward pass: "none", "block" or "dots" (layers.py)
   m.dtype = "float32"  # compute dtype of the trainable modules
   m.param_dtype = "float32"  # storage dtype of the trainable parameters
   m.mllm_dtype = "float32"  # compute and storage dtype of the frozen MLLM

@@ -67,12 +67,29 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[leaf] = value
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+def get_dotted(config: ml_collections.ConfigDict, key: str) -> Any:
+  """``get_dotted(c, "optim.lr")``; an unknown key is an error naming it."""
+  node = config
+  parts = key.split(".")
+  for i, p in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      raise KeyError(f"unknown config key {'.'.join(parts[: i + 1])!r}")
+    node = node[p]
+  return node
+
+
+def validate(
+  config: ml_collections.ConfigDict,
+  num_devices: int,
+  num_processes: int = 1,
+  require_inputs: bool = True,
+) -> None:
   """Checks values that would otherwise fail late or silently; errors name the key.
 
   ``num_devices`` / ``num_processes``: of the whole (possibly multi-process) run; the mesh
   (``config.sharding.mesh``) must fit the devices and the batch must split over its data x fsdp
-  shards and over the processes.
+  shards and over the processes. ``require_inputs=False`` (planning from abstract shapes) skips
+  the checks of the weights a run reads (``model.mllm_from``, ``train.init_from``).
   """
   d, t = config.diffusion, config.train
   if config.stage not in STAGES:
@@ -91,14 +108,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     raise ValueError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1)")
   if t.max_nonfinite < 1:
     raise ValueError(f"config.train.max_nonfinite={t.max_nonfinite} must be at least 1")
-  if config.stage == "finetune" and not t.init_from:
+  if require_inputs and config.stage == "finetune" and not t.init_from:
     raise ValueError(
       "config.train.init_from is empty: a fine-tune (stage 2) starts from a "
       "stage-1 checkpoint; pass --config.train.init_from=<stage-1 workdir> (or 'scratch' "
       "for a randomly initialised ablation)"
     )
   if (
-    config.stage in ("pretrain", "finetune")
+    require_inputs
+    and config.stage in ("pretrain", "finetune")
     and config.model.mllm_init == "checkpoint"
     and not config.model.mllm_from
   ):

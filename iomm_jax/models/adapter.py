@@ -32,8 +32,13 @@ class AdapterConfig:
   num_heads: int = 12
   num_layers: int = 1
   mlp_ratio: float = 4.0
+  remat: str = "none"  # rematerialisation of each block (layers.REMAT_POLICIES)
 
   def __post_init__(self):
+    if self.remat not in layers.REMAT_POLICIES:
+      raise ValueError(
+        f"AdapterConfig.remat must be one of {tuple(layers.REMAT_POLICIES)}, got {self.remat!r}"
+      )
     for name in ("width", "num_queries", "num_heads", "num_layers"):
       if getattr(self, name) <= 0:
         raise ValueError(f"AdapterConfig.{name} must be positive, got {getattr(self, name)}")
@@ -107,8 +112,9 @@ class ResidualQueryAdapter(nn.Module):
     )
     x = jnp.broadcast_to(queries.astype(self.dtype), (embeds.shape[0], *queries.shape))
     ctx = embeds.astype(self.dtype)
+    block = layers.remat(AdapterBlock, c.remat)
     for i in range(c.num_layers):
-      x = AdapterBlock(
+      x = block(
         c.num_heads, c.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}"
       )(x, ctx, valid)
     return x

@@ -115,10 +115,13 @@ def build(
     m.codec, **({"factor": m.codec_factor} if m.codec == "pixel" else {"variant": m.vae})
   )
   gcfg = mmdit_lib.get_mmdit_config(m.generator)
+  # .get: configs saved by earlier versions (a workdir's config.json) lack these speed keys.
+  remat = m.get("remat", "none")
   gcfg = mmdit_lib.get_mmdit_config(
     m.generator,
     in_channels=codec.latent_channels * gcfg.latent_patch**2,
     attention=m.get("attention", "xla"),
+    remat=remat,
   )
   if gcfg.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise ValueError(
@@ -133,6 +136,7 @@ def build(
       num_heads=m.adapter_heads,
       num_layers=m.adapter_layers,
       mlp_ratio=m.adapter_mlp_ratio,
+      remat=remat,
     )
     adapter = adapter_lib.ResidualQueryAdapter(acfg, **kw)
   elif m.condition == "queries":
@@ -152,7 +156,7 @@ def build(
     )
   mdt = _dtype(m.mllm_dtype)
   return IOMM(
-    mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt),
+    mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt, remat=remat),
     adapter=adapter,
     connector=adapter_lib.Connector(ccfg, **kw),
     generator=mmdit_lib.MMDiT(gcfg, **kw),

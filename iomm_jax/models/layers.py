@@ -74,6 +74,34 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Ar
 ACTIVATION = ("batch", "length", "embed")  # logical axes of a [B, L, D] residual stream
 
 
+# Rematerialisation of transformer blocks (``config.model.remat``): what the backward pass keeps
+# of a block's forward activations; the rest is recomputed. Parameters and numerics are the same.
+#   "none": keep everything (fastest, most memory);
+#   "block": keep only each block's inputs, recompute the whole block (least memory, ~1/3 more
+#     FLOPs for the blocks);
+#   "dots": also keep the outputs of matmuls without batch dimensions (the projections and MLPs),
+#     recompute the rest (norms, activations, attention scores).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+  "none": None,
+  "block": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(module: type[nn.Module], policy: str) -> type[nn.Module]:
+  """``module`` wrapped in ``nn.remat`` with the named ``REMAT_POLICIES`` policy (the class itself
+  for "none"). Parameter names and shapes are unchanged, so checkpoints stay compatible.
+
+  The blocks are applied in a Python loop (not a scan), so ``prevent_cse`` stays on: without it
+  XLA may merge the recomputation into the forward pass and keep the activations after all.
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r} unknown; choose from {tuple(REMAT_POLICIES)}")
+  if policy == "none":
+    return module
+  return nn.remat(module, policy=REMAT_POLICIES[policy], prevent_cse=True)
+
+
 def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
   """Wraps an initializer so that the parameter it makes carries logical axis names."""
   return nn.with_logical_partitioning(init, tuple(axes))

@@ -613,13 +613,15 @@ class TextModel(nn.Module):
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # rematerialisation of each decoder layer (layers.REMAT_POLICIES)
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = layers.logical(nn.initializers.normal(stddev=0.02), ("vocab", "embed"))
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=init, **kw)
-    self.layers = [DecoderLayer(c, **kw) for _ in range(c.num_layers)]  # named layers_<i>
+    layer = layers.remat(DecoderLayer, self.remat)
+    self.layers = [layer(c, **kw) for _ in range(c.num_layers)]  # named layers_<i>
     self.norm = layers.RMSNorm(eps=c.norm_eps, **kw)
 
   def embed(self, ids: jax.Array) -> jax.Array:
@@ -649,13 +651,17 @@ class InternVLModel(nn.Module):
   config: MLLMConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # Rematerialisation of the decoder layers (layers.REMAT_POLICIES). Frozen in stages 1-2, but the
+  # adapter's gradient flows back through every decoder layer, which keeps their activations.
+  # Not part of MLLMConfig: it is no property of a checkpoint.
+  remat: str = "none"
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.vision_tower = VisionModel(c.vision, **kw)
     self.multi_modal_projector = MultiModalProjector(c, **kw)
-    self.language_model = TextModel(c.text, **kw)
+    self.language_model = TextModel(c.text, remat=self.remat, **kw)
     if not c.text.tie_word_embeddings:
       self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 

@@ -85,6 +85,9 @@ class MMDiTConfig:
   # Ours: the attention kernel (layers.dot_product_attention): "xla" anywhere, "cudnn" = fused
   # flash attention on NVIDIA GPUs with a bf16 dtype. A speed choice; parameters are the same.
   attention: str = "xla"
+  # Ours: rematerialisation of the double/single blocks (layers.REMAT_POLICIES: "none", "block",
+  # "dots"). A memory/compute trade; parameters and numerics are the same.
+  remat: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
@@ -112,6 +115,10 @@ class MMDiTConfig:
       raise ValueError(
         f"MMDiTConfig.attention must be one of {layers.ATTENTION_IMPLEMENTATIONS}, "
         f"got {self.attention!r}"
+      )
+    if self.remat not in layers.REMAT_POLICIES:
+      raise ValueError(
+        f"MMDiTConfig.remat must be one of {tuple(layers.REMAT_POLICIES)}, got {self.remat!r}"
       )
     axes = self.axes_dims_rope
     if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes):
@@ -623,13 +630,15 @@ class MMDiT(nn.Module):
     ctx = act(Dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt).astype(jnp.float32))
     ids = jnp.concatenate([txt_ids, img_ids], axis=1)  # condition first, as in diffusers
     angles = layers.rope_axes_freqs(ids, c.axes_dims_rope, ROPE_THETA)  # [B, Lt + Li, H/2]
+    double = layers.remat(DoubleStreamBlock, c.remat)
+    single = layers.remat(SingleStreamBlock, c.remat)
     for i in range(c.num_layers):
-      ctx, x = DoubleStreamBlock(name=f"transformer_blocks_{i}", **blk)(x, ctx, temb, angles)
+      ctx, x = double(name=f"transformer_blocks_{i}", **blk)(x, ctx, temb, angles)
       ctx, x = act(ctx), act(x)
     lt = ctx.shape[1]
     h = jnp.concatenate([ctx, x], axis=1)
     for i in range(c.num_single_layers):
-      h = act(SingleStreamBlock(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles))
+      h = act(single(name=f"single_transformer_blocks_{i}", **blk)(h, temb, angles))
     x = AdaLayerNormContinuous(name="norm_out", zero_init=c.zero_init, **kw)(h[:, lt:], temb)
     out = Dense(
       c.out_features, ("embed", "patch"), name="proj_out", kernel_init=_init(c.zero_init), **kw

@@ -18,20 +18,55 @@ from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
 
 
-def frozen_shardings(model: iomm.IOMM, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
-  """Shardings of the frozen ``{"mllm", "codec"}`` parameters, by their logical axes."""
+def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
+  """Boxed abstract ``{"mllm", "codec"}`` parameters (logical axis names, no values)."""
   mllm = jax.eval_shape(lambda: iomm.init_mllm(model, 0))
   codec = model.codec
   if hasattr(codec, "module"):  # the VAE: its Linen module carries the logical axis names
     f = codec.downsample
     x = jax.ShapeDtypeStruct((1, f, f, codec.config.in_channels), jnp.float32)
-    codec_tree = jax.eval_shape(lambda: codec.module.init(iomm.init_key(0), x)["params"])
+    codec_tree = jax.eval_shape(lambda x: codec.module.init(iomm.init_key(0), x)["params"], x)
   else:
     codec_tree = jax.eval_shape(lambda: codec.init_params(iomm.init_key(0), model.image_size))
+  return {"mllm": mllm, "codec": codec_tree}
+
+
+def frozen_shardings(model: iomm.IOMM, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
+  """Shardings of the frozen ``{"mllm", "codec"}`` parameters, by their logical axes."""
+  boxed = _abstract_frozen_boxed(model)
+  return {k: sharding.logical_shardings(v, mesh, rules) for k, v in boxed.items()}
+
+
+def abstract_frozen(model: iomm.IOMM, shardings: dict[str, Any]) -> dict[str, Any]:
+  """The frozen parameters as ``jax.ShapeDtypeStruct`` s placed by ``shardings`` (planning
+  without weights: ``plan.py``)."""
+  return sharding.abstract_target(_abstract_frozen_boxed(model), shardings)
+
+
+def abstract_batch(model: iomm.IOMM, batch_size: int, cond_len: int) -> dict[str, Any]:
+  """Shapes and dtypes of a generator batch (``pipeline.make_dataset``'s stage-1/2 batches)."""
+  s, sds = model.image_size, jax.ShapeDtypeStruct
   return {
-    "mllm": sharding.logical_shardings(mllm, mesh, rules),
-    "codec": sharding.logical_shardings(codec_tree, mesh, rules),
+    "image": sds((batch_size, s, s, 3), jnp.uint8),
+    "cond_ids": sds((batch_size, cond_len), jnp.int32),
+    "cond_valid": sds((batch_size, cond_len), jnp.bool_),
+    "is_image_only": sds((batch_size,), jnp.bool_),
   }
+
+
+def init_fn(model: iomm.IOMM, config: ml_collections.ConfigDict, cond_len: int) -> Callable:
+  """The boxed initialiser of the trainable parameters (adapter, connector, generator)."""
+  return lambda: iomm.init_trainable(model, config.seed, cond_len)
+
+
+def make_step(
+  config: ml_collections.ConfigDict, model: iomm.IOMM, null_ids: Any, null_valid: Any
+) -> tuple[Any, Callable]:
+  """(optimizer, pure ``train_step``) of a generator stage: the rectified-flow loss under masked
+  self-conditioning (``steps.generator_loss_fn``) with ``config.optim`` / ``config.train``; jit it
+  with ``sharding.jit_step``."""
+  loss_fn = steps.generator_loss_fn(model, config, jnp.asarray(null_ids), jnp.asarray(null_valid))
+  return loop.make_train_step(loss_fn, config, config.train.num_steps)
 
 
 def setup(
@@ -51,15 +86,11 @@ def setup(
   frozen_sh = frozen_shardings(ctx.model, mesh, rules)
   ctx = dataclasses.replace(ctx, frozen=sharding.place(ctx.frozen, frozen_sh))
   data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
-  null_ids, null_valid = ctx.conditioner.null_condition()
-  loss_fn = steps.generator_loss_fn(
-    ctx.model, config, jnp.asarray(null_ids), jnp.asarray(null_valid)
-  )
-  optimizer, step = loop.make_train_step(loss_fn, config, config.train.num_steps)
+  optimizer, step = make_step(config, ctx.model, *ctx.conditioner.null_condition())
   state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,
-    lambda: iomm.init_trainable(ctx.model, config.seed, ctx.conditioner.cond_len),
+    init_fn(ctx.model, config, ctx.conditioner.cond_len),
     optimizer,
     data_iter,
     mesh,

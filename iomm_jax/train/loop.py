@@ -77,6 +77,15 @@ class Run:
   mesh: Mesh | None = None
 
 
+def abstract_state(
+  init_fn: Callable[[], Any], optimizer, mesh: Mesh, rules: sharding.Rules
+) -> tuple[Any, Any]:
+  """(boxed abstract train state, its shardings on ``mesh``): ``jax.eval_shape`` of the state
+  that ``init_fn``'s parameters and ``optimizer`` make; nothing is computed or allocated."""
+  boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer))
+  return boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
+
+
 def restore_or_init(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -98,8 +107,7 @@ def restore_or_init(
   Returns:
     state, its shardings, the workdir's checkpointer and the step to start from.
   """
-  boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer))
-  shardings = sharding.logical_shardings(boxed_state, mesh, rules)
+  boxed_state, shardings = abstract_state(init_fn, optimizer, mesh, rules)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, writer=True)
   if ckpt.latest_step() is not None:  # a checkpoint saved on any mesh restores onto this one
     check = lambda meta: checkpointing.check_model_signature(meta["model"], config, workdir)
