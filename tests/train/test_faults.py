@@ -305,6 +305,8 @@ def test_disk_full_during_a_save_is_a_clear_error_and_earlier_checkpoints_stay(t
   # fails it (ENOSPC); Orbax writes in background threads and the error must still surface.
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   prev = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  # the limit binds every write of this process: keep it away from the shared XLA cache
+  jax.config.update("jax_enable_compilation_cache", False)
   resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))
   try:
     with pytest.raises(checkpointing.CheckpointWriteError) as err:
@@ -312,6 +314,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_earlier_checkpoints_stay(t
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, prev)
+    jax.config.update("jax_enable_compilation_cache", True)
   e = err.value
   assert e.errno == errno.EFBIG and isinstance(e, OSError)
   assert f"checkpoint of step 8 in {wd}/checkpoints" in str(e) and "File too large" in str(e)
