@@ -44,6 +44,7 @@ from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.train import context, generator, loop
 
 GIB = 2**30
+RNG_BYTES = 8  # a threefry key (2 x uint32), replicated
 # MLLM variants whose tokenizer comes with imported weights (not trained by stage 0).
 OFF_THE_SHELF_MLLMS = ("internvl3_2b",)
 AUX_TOKENS_PER_WORD = 1.2  # estimate for a BPE tokenizer on plain English (+ BOS and the colon)
@@ -99,6 +100,11 @@ def per_device_bytes(tree: Any) -> int:
   return total
 
 
+def resident_bytes(state: Any, batch: Any, frozen: Any) -> int:
+  """Per-device bytes of the step's inputs: state, batch, frozen weights and the rng key."""
+  return per_device_bytes((state, batch, frozen)) + RNG_BYTES
+
+
 def _count(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
@@ -147,9 +153,11 @@ def plan(
   if compile:
     jitted = sharding.jit_step(step, mesh, rules, state_sh, frozen_sh)
     xla, seconds = _compile(jitted, (state, batch, frozen, rng))
-    # Donated state outputs reuse their argument buffers (alias): live at once are the
-    # arguments, the non-aliased outputs, the temporaries and the code.
-    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+    # Live at once: everything resident (the state, batch and all frozen weights, also those the
+    # step never reads and XLA prunes from its arguments, e.g. the MLLM's lm_head and the VAE
+    # decoder), the outputs that do not reuse a donated argument buffer, temporaries and code.
+    resident = max(xla["argument"], resident_bytes(state, batch, frozen))
+    total = resident + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
   data, fsdp, tensor = mesh_sizes
   bytes_ = {
     "params": per_device_bytes(state.params),
@@ -158,7 +166,7 @@ def plan(
     "frozen": per_device_bytes(frozen),
     "batch": per_device_bytes(batch),
   }
-  bytes_["state_and_inputs"] = per_device_bytes((state, batch, frozen))  # + the 8-byte rng
+  bytes_["state_and_inputs"] = resident_bytes(state, batch, frozen)
   notes = [CPU_NOTE] if compile and jax.devices()[0].platform == "cpu" else []
   if not layout.exact:
     notes.append(
@@ -251,7 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
   else:
     total = r["total_per_device"]
     lines += [
-      f"  XLA arguments              {_gib(x['argument'])}",
+      f"  resident (sum of the above){_gib(b['state_and_inputs'])}",
+      f"  XLA arguments (read)       {_gib(x['argument'])}",
       f"  XLA outputs (- donated)    {_gib(x['output'] - x['alias'])}",
       f"  XLA temporaries            {_gib(x['temp'])}",
       f"  XLA generated code         {_gib(x['generated_code'])}",

@@ -123,12 +123,11 @@ def test_json_has_every_field_and_xla_counts_the_same_arguments(compiled):
     x, b = r["xla"], r["bytes_per_device"]
     # XLA's arguments: the state, batch and frozen weights (+ the 8-byte rng key), less what the
     # step never reads (the frozen MLLM's lm_head is unused by stages 1-2 and pruned)
-    assert 0.9 * b["state_and_inputs"] < x["argument"] <= b["state_and_inputs"] + 8
+    assert 0.9 * b["state_and_inputs"] < x["argument"] <= b["state_and_inputs"]
     assert x["alias"] > 0.99 * (b["params"] + b["ema"] + b["opt_state"])  # donated state
-    assert (
-      r["total_per_device"]
-      == x["argument"] + x["output"] - x["alias"] + x["temp"] + x["generated_code"]
-    )
+    resident = b["state_and_inputs"]  # also the pruned frozen weights: they stay on device
+    live = resident + x["output"] - x["alias"] + x["temp"] + x["generated_code"]
+    assert r["total_per_device"] == live
     assert r["fits"] is True and r["budget_bytes"] == 80 * 2**30
     assert r["platform"] == "cpu" and any("CPU-backend" in n for n in r["notes"])
     assert r["batch"] == 32 and r["batch_per_shard"] == 8
