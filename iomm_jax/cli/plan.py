@@ -2,14 +2,17 @@
 
   iomm-plan --config experiments/iomm_b/pretrain.py --mesh data=2,fsdp=4,tensor=1 \
       [--batch 1024] [--stage pretrain|finetune] [--remat none|block|dots] \
-      [--device-memory-gib 80] [--json] [--config.model.attention=xla ...]
+      [--device-memory-gib 80] [--devices 8] [--json] [--no-compile] [--full-compile] \
+      [--config.KEY=VALUE ...]
 
 Lowers and compiles the real train step (``iomm_jax.train.plan``) from abstract shapes on fake
 CPU devices (as many as the mesh has; the process re-executes itself with
 ``--xla_force_host_platform_device_count`` when JAX already runs with fewer) and prints parameter
 counts, per-device bytes of parameters, optimiser state, frozen weights, batch and XLA's
 temporaries, and whether the total fits ``--device-memory-gib``. The temporaries are those of
-XLA's CPU backend, an estimate of a GPU's or TPU's. Paper configs need no paths to plan.
+XLA's CPU backend, an estimate of a GPU's or TPU's (compiled with remat's optimisation barriers
+kept, see ``KEEP_REMAT_FLAGS``); ``--no-compile`` prints only the exact bytes of the shardings in
+seconds. Paper configs need no paths to plan; docs/SCALING.md has their figures.
 Bad flags exit with status 2 and name the flag.
 """
 

@@ -79,7 +79,9 @@ def test_remat_keeps_parameter_names_and_shapes(remat):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("remat", [p for p in POLICIES if p != "none"])
+@pytest.mark.parametrize(
+  "remat", [pytest.param(p, marks=pytest.mark.slow) if p == "dots" else p for p in POLICIES[1:]]
+)
 def test_remat_gives_the_same_loss_and_gradients(remat):
   loss0, g0 = _loss_and_grads("none")
   loss1, g1 = _loss_and_grads(remat)
@@ -92,17 +94,6 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     nonzero += bool(np.any(a != 0))
   assert nonzero > 0.9 * len(flat0)
-
-
-def test_remat_changes_the_compiled_step():
-  """The policy is really applied: the backward pass of "block" holds remat'd computations."""
-  ctx, loss_fn, boxed = _setup("block")
-  params, batch = nn.meta.unbox(boxed), _batch(ctx)
-  grad = jax.grad(lambda p: loss_fn(p, ctx.frozen, batch, jax.random.key(3))[0])
-  assert "remat" in str(jax.make_jaxpr(grad)(params))
-  ctx0, loss0, boxed0 = _setup("none")
-  grad0 = jax.grad(lambda p: loss0(p, ctx0.frozen, batch, jax.random.key(3))[0])
-  assert "remat" not in str(jax.make_jaxpr(grad0)(nn.meta.unbox(boxed0)))
 
 
 def test_unknown_policy_is_an_error():
@@ -119,7 +110,7 @@ import json, sys
 import flax.linen as nn, jax, jax.numpy as jnp
 from iomm_jax.models import mmdit
 out = {}
-for remat in ("none", "block", "dots"):
+for remat in sys.argv[1:]:
   m = mmdit.MMDiT(mmdit.get_mmdit_config("tiny", remat=remat))
   b, side, lt = 8, 16, 16
   args = (jnp.zeros((b, side * side, 48)), mmdit.image_ids(b, side, side),
@@ -143,7 +134,11 @@ def test_remat_reduces_compiled_temporaries():
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = f"{plan_cli.KEEP_REMAT_FLAGS} {plan_cli.FAST_COMPILE_FLAGS}"
   out = subprocess.run(
-    [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", PROBE, "none", "block", "dots"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   temp = json.loads(out.stdout.strip().splitlines()[-1])
