@@ -98,12 +98,17 @@ def _cell(d: shapes_detector.Detection, world: shapes.WorldConfig) -> tuple[int,
   return (min(int(d.cy // world.cell), g - 1), min(int(d.cx // world.cell), g - 1))
 
 
+def _found(image: np.ndarray, world: shapes.WorldConfig) -> set[tuple[tuple[int, int], str, str]]:
+  """The detected objects as (grid cell, shape, colour), objects of no known shape left out."""
+  dets = [d for d in shapes_detector.detect(image, world) if d.shape is not None]
+  return {(_cell(d, world), d.shape, d.color) for d in dets}
+
+
 def score(
   image: np.ndarray, task: EditTask, world: shapes.WorldConfig
 ) -> tuple[bool, float | None]:
   """(edit succeeded, share of kept objects preserved, None if the task keeps none)."""
-  dets = [d for d in shapes_detector.detect(image, world) if d.shape is not None]
-  found = {(_cell(d, world), d.shape, d.color) for d in dets}
+  found = _found(image, world)
   e = task.edited
   success = ((e.row, e.col), e.shape, e.color) in found
   kept = [((o.row, o.col), o.shape, o.color) in found for o in task.kept]
@@ -132,8 +137,7 @@ def score_reconstruction(
   image: np.ndarray, scene: shapes.Scene, world: shapes.WorldConfig
 ) -> tuple[bool, float]:
   """(the scene is reproduced exactly, share of its objects found unchanged in their cells)."""
-  dets = [d for d in shapes_detector.detect(image, world) if d.shape is not None]
-  found = {(_cell(d, world), d.shape, d.color) for d in dets}
+  found = _found(image, world)
   want = {((o.row, o.col), o.shape, o.color) for o in scene.objects}
   return found == want, float(np.mean([w in found for w in want]))
 
