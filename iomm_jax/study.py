@@ -352,7 +352,10 @@ def main(
     raise SystemExit(f"unknown arm in {a.arms}; arms: {[x.name for x in arms]}")
   scale = SCALES[a.scale]
   t0 = time.time()
-  results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
+  from iomm_jax.cli import exit_on_preemption
+
+  with exit_on_preemption():  # SIGTERM: the run is saved; no later arm may start from it
+    results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
   wall = time.time() - t0
   table = markdown(results, "overall" if metric == "geneval" else "edit success")
   print(table)

@@ -5,7 +5,8 @@
 #   launch/recipe.sh /tmp/quick :quick           # seconds-long variant of every stage
 #
 # Each stage resumes if its workdir already has checkpoints; extra arguments after the
-# variant are passed to every iomm-train call (e.g. --config.seed=1).
+# variant are passed to every iomm-train call (e.g. --config.seed=1). A stage stopped by SIGTERM
+# saves and exits 75, which ends the script here (set -e): rerun it to go on.
 set -euo pipefail
 root=${1:?usage: launch/recipe.sh WORKDIR [:variant] [iomm-train flags...]}
 variant=${2:-}

@@ -134,7 +134,7 @@ def script(
     f"task='export IOMM_PROCESS_ID=$SLURM_PROCID{gpu}; exec \"$@\"'  # per task, in the task",
     "",
     "# SIGTERM (preemption, or the notice before the time limit): iomm-train saves a checkpoint",
-    "# and exits; the job goes back in the queue and resumes from the workdir.",
+    "# and exits 75; the job goes back in the queue and resumes from the workdir.",
     "requeue() {",
     '  echo "SIGTERM: checkpointing, then requeueing job $SLURM_JOB_ID" >&2',
     '  if [ -n "${train:-}" ]; then kill -TERM "$train" 2>/dev/null; wait "$train"; fi',

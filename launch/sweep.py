@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``launch`` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from iomm_jax import PREEMPTED_EXIT_CODE  # noqa: E402
 from launch import common, slurm, tpu  # noqa: E402
 
 
@@ -220,10 +222,25 @@ def _run_logged(cmd: Sequence[str], log: str) -> int:
     proc = subprocess.Popen(
       list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    for line in proc.stdout:
-      sys.stdout.write(line)
-      f.write(line)
-    return proc.wait()
+    with _forward_sigterm(proc):  # the run checkpoints and exits PREEMPTED_EXIT_CODE
+      for line in proc.stdout:
+        sys.stdout.write(line)
+        f.write(line)
+      return proc.wait()
+
+
+@contextlib.contextmanager
+def _forward_sigterm(proc: subprocess.Popen):
+  """While inside, a SIGTERM to the sweep is passed on to the running ``iomm-train``."""
+  try:
+    prev = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+  except ValueError:  # not the main thread: signals stay as they are
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, prev)
 
 
 class _Tee(io.TextIOBase):
@@ -243,12 +260,13 @@ class _Tee(io.TextIOBase):
 
 
 def _run_in_process(spec, point: Point, config_flags, log: str) -> int:
-  """Trains ``point`` in this process (what iomm-train would run); returns 0, or 1 on an error
-  (its traceback goes to the console and ``log``)."""
+  """Trains ``point`` in this process (what iomm-train would run); returns 0, 1 on an error
+  (its traceback goes to the console and ``log``) or ``PREEMPTED_EXIT_CODE`` after a SIGTERM
+  (the run saved a checkpoint)."""
   from absl import flags
 
   from iomm_jax import runtime
-  from iomm_jax.train import finetune, mllm, pretrain
+  from iomm_jax.train import finetune, loop, mllm, pretrain
 
   if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app.run mark them parsed
     flags.FLAGS.mark_as_parsed()
@@ -262,6 +280,9 @@ def _run_in_process(spec, point: Point, config_flags, log: str) -> int:
     with contextlib.redirect_stdout(tee_out), contextlib.redirect_stderr(tee_err):
       try:
         loops[config.stage].train_and_evaluate(config, point.workdir)
+      except loop.Preempted as e:  # saved; the sweep stops (a rerun resumes this point)
+        print(e, file=sys.stderr)
+        return e.exit_code
       except Exception:  # a failed run is reported; the sweep goes on
         traceback.print_exc()
         return 1
@@ -269,7 +290,8 @@ def _run_in_process(spec, point: Point, config_flags, log: str) -> int:
 
 
 def run_local(spec, root, points, flags, dry_run: bool, config_flags=(), in_process=False) -> int:
-  """Runs the unfinished points in sequence, then writes the report; 1 if any run failed.
+  """Runs the unfinished points in sequence, then writes the report; 1 if any run failed,
+  ``PREEMPTED_EXIT_CODE`` (75) if SIGTERM stopped one (it saved; no later point starts).
 
   Each point is an iomm-train process, or with ``in_process`` a call in this process (start-up,
   imports and JAX's op-by-op compilations are then paid once: for many short runs on CPU)."""
@@ -284,6 +306,13 @@ def run_local(spec, root, points, flags, dry_run: bool, config_flags=(), in_proc
       continue
     log = os.path.join(p.workdir, "train.log")
     rc = _run_in_process(spec, p, config_flags, log) if in_process else _run_logged(cmd, log)
+    if rc == PREEMPTED_EXIT_CODE:  # SIGTERM: the run saved; later points wait for a rerun
+      print(
+        f"# {p.slug} stopped by SIGTERM (checkpoint saved); the same command resumes the sweep",
+        flush=True,
+      )
+      report(spec, root, points, failed)
+      return PREEMPTED_EXIT_CODE
     if rc:
       failed.append(p.slug)
       print(f"# {p.slug} failed (exit {rc}); its output is in {p.workdir}/train.log", flush=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -20,3 +21,17 @@ def absl_argv(argv: list[str] | None = None) -> list[str]:
         arg = "--" + name.replace("-", "_") + eq + value
     out.append(arg)
   return out
+
+
+@contextlib.contextmanager
+def exit_on_preemption():
+  """Inside: a run stopped by SIGTERM (``loop.Preempted``, raised once its checkpoint is saved)
+  ends the process with its one-line message and exit status 75 (EX_TEMPFAIL), so a shell
+  chain (``set -e``), a sweep or a scheduler never takes it for a finished run."""
+  from iomm_jax.train import loop
+
+  try:
+    yield
+  except loop.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)

@@ -20,7 +20,7 @@ from PIL import Image
 
 import iomm_jax
 from iomm_jax import checkpointing, inference, metrics, runtime
-from iomm_jax.cli import absl_argv
+from iomm_jax.cli import absl_argv, exit_on_preemption
 from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_geneval
 from iomm_jax.train import finetune, generator, mllm, pretrain
@@ -96,7 +96,8 @@ def _main(argv):
   for name, fn, overrides in stages:
     s = time.time()
     print(f"=== stage {name} -> {dirs[name]}", flush=True)
-    fn(_config(name, quick, **overrides), dirs[name])
+    with exit_on_preemption():  # SIGTERM: saved; the next stage must not start (rerun resumes)
+      fn(_config(name, quick, **overrides), dirs[name])
     timings[name] = time.time() - s
 
   s = time.time()

@@ -2,7 +2,8 @@
 
   iomm-train --config experiments/shapes/pretrain.py[:arg] --workdir W [--config.optim.lr=3e-4]
 
-The stage is ``config.stage``; re-running the same command resumes from the workdir.
+The stage is ``config.stage``; re-running the same command resumes from the workdir. Exit
+status: 0 when the run is finished, 75 when SIGTERM stopped it (after saving a checkpoint).
 Multi-process (one process per host, or several on one machine): add
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` to each process's command
 (or set ``$IOMM_COORDINATOR``, ``$IOMM_NUM_PROCESSES``, ``$IOMM_PROCESS_ID``); under SLURM
@@ -15,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iomm_jax import runtime
-from iomm_jax.cli import absl_argv
+from iomm_jax.cli import absl_argv, exit_on_preemption
 from iomm_jax.train import finetune, mllm, pretrain
 
 LOOPS = {
@@ -47,7 +48,8 @@ def _main(argv):
   config = _CONFIG.value
   if config.stage not in LOOPS:
     raise app.UsageError(f"config.stage={config.stage!r} unknown; choose from {sorted(LOOPS)}")
-  LOOPS[config.stage](config, _WORKDIR.value)
+  with exit_on_preemption():
+    LOOPS[config.stage](config, _WORKDIR.value)
 
 
 def main():

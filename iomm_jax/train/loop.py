@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from iomm_jax import checkpointing, metrics, optim, sharding
+from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, optim, sharding
 from iomm_jax.configs import loading
 from iomm_jax.train import steps
 
@@ -141,6 +141,22 @@ def make_jitted_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int)
   return optimizer, jax.jit(step, donate_argnums=(0,))
 
 
+class Preempted(Exception):
+  """Raised by ``run`` after a SIGTERM, once the step it stopped at is saved.
+
+  Not a failure, but not a finished run either: whatever comes next (the next stage of the
+  recipe, the next point of a sweep, the next arm of the study) must not start from this
+  workdir. The CLIs turn it into exit status ``PREEMPTED_EXIT_CODE`` (75); the same command
+  resumes.
+  """
+
+  exit_code = PREEMPTED_EXIT_CODE
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"SIGTERM: saved step {step} in {workdir}; run the same command to resume")
+    self.step, self.workdir = step, workdir
+
+
 class _Preemption:
   """Turns SIGTERM into a request to checkpoint at the next step boundary and exit."""
 
@@ -175,8 +191,9 @@ def run(run_: Run) -> dict[str, float]:
   this process started, summed over processes.
 
   Faults:
-    * SIGTERM (preemption): checkpoint at the next step boundary and return (``iomm-train``
-      exits 0); the same command resumes there.
+    * SIGTERM (preemption): checkpoint at the next step boundary and raise ``Preempted``
+      (``iomm-train`` exits ``PREEMPTED_EXIT_CODE`` = 75); the same command resumes there. A
+      stopped run never returns as if finished, so no caller goes on to the next stage.
     * ``config.train.max_nonfinite`` non-finite updates in a row (each skipped by the step):
       ``FloatingPointError``, before anything later is saved; the last checkpoint is the last
       good state.
@@ -191,6 +208,7 @@ def run(run_: Run) -> dict[str, float]:
   state, last, prev = run_.state, {}, None
   preempt = _Preemption()
   skipped = None  # undecodable records dropped by a real-data pipeline (data.sources)
+  stopped = None  # the step SIGTERM stopped the run at (saved)
   try:
     for step in range(start_step + 1, total + 1):
       local = next(run_.data_iter)
@@ -219,12 +237,19 @@ def run(run_: Run) -> dict[str, float]:
         logger.write_image(step, "samples", run_.sample_fn(state))
       if preempt.requested:
         print(f"SIGTERM: saved step {step}, exiting", flush=True)
+        stopped = step
         break
   finally:
     preempt.restore()
-    run_.checkpointer.close()
+    run_.checkpointer.close()  # waits for the last save
     logger.close()
   run_.state = state
+  if stopped is not None:
+    if jax.process_count() > 1:  # no process exits while another still writes its part
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("iomm_preempted")
+    raise Preempted(stopped, run_.workdir)
   return last
 
 

@@ -112,10 +112,10 @@ STUB_SCONTROL = """#!/bin/bash
 if [ "$1" = show ]; then printf 'node7\\nnode8\\n'; else echo "scontrol $*" >> "$LOG/events"; fi
 """
 STUB_TRAIN = """#!/bin/bash
-# iomm-train stub: records its environment and arguments; SIGTERM -> "checkpoint", exit 0
+# iomm-train stub: records its environment and arguments; SIGTERM -> "checkpoint", exit 75
 printf '%s\\n' "$IOMM_COORDINATOR $IOMM_NUM_PROCESSES ${CUDA_VISIBLE_DEVICES:--}" "$@" \\
   > "$LOG/task.$IOMM_PROCESS_ID"
-trap 'echo "checkpoint $IOMM_PROCESS_ID" >> "$LOG/events"; exit 0' TERM
+trap 'echo "checkpoint $IOMM_PROCESS_ID" >> "$LOG/events"; exit 75' TERM
 touch "$LOG/started.$IOMM_PROCESS_ID"
 if [ -n "${STUB_WAIT:-}" ]; then for _ in $(seq 300); do sleep 0.05; done; fi
 """

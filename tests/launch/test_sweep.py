@@ -5,10 +5,14 @@ a re-run skips the finished runs)."""
 import json
 import os
 import re
+import signal
 import stat
+import threading
+import time
 
 import pytest
 
+from iomm_jax import PREEMPTED_EXIT_CODE
 from launch import common, sweep
 
 EXP = os.path.join(common.ROOT, "experiments", "shapes")
@@ -82,10 +86,12 @@ def test_report_marks_unfinished_runs(tmp_path, capsys):
 
 
 STUB_TRAIN = """#!/bin/bash
-# iomm-train stub: a 6-step run in --workdir (fails on lr=0.0003 when STUB_FAIL is set)
+# iomm-train stub: a 6-step run in --workdir (fails on lr=0.0003 when STUB_FAIL is set; exits
+# as preempted on lr=0.001 when STUB_TERM is set)
 for ((i = 1; i < $#; i++)); do [ "${!i}" = --workdir ] && { j=$((i + 1)); wd=${!j}; }; done
 echo "stub $*"
 if [[ -n "${STUB_FAIL:-}" && "$*" == *lr=0.0003* ]]; then echo boom >&2; exit 3; fi
+if [[ -n "${STUB_TERM:-}" && "$*" == *lr=0.001* ]]; then echo "SIGTERM: saved" >&2; exit 75; fi
 mkdir -p "$wd/checkpoints/6"
 echo '{"train": {"num_steps": 6}}' > "$wd/config.json"
 echo '{"step": 6, "loss": 0.5}' >> "$wd/metrics.jsonl"
@@ -114,6 +120,61 @@ def test_local_runs_iomm_train_per_point_and_resumes_after_a_failure(tmp_path, c
   out = capsys.readouterr().out
   assert "# skip lr=0.001: finished (6 steps)" in out and f"--workdir {root}/lr=0.0003" in out
   assert "| lr=0.0003 | 0.0003 | done | 6/6 | 0.5 | - |" in out
+
+
+def test_a_preempted_point_stops_the_sweep(tmp_path, capsys, monkeypatch):
+  stub = tmp_path / "iomm-train"
+  stub.write_text(STUB_TRAIN)
+  stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setattr(common, "local_train_bin", lambda: str(stub))
+  monkeypatch.setenv("STUB_TERM", "1")
+  root = tmp_path / "root"
+  argv = ["--config", PRETRAIN, "--workdir", str(root), "--quick", "--config.model.mllm_from=/m"]
+  assert sweep.main(argv) == PREEMPTED_EXIT_CODE  # iomm-train exited 75 on the first point
+  out = capsys.readouterr().out
+  assert "# lr=0.001 stopped by SIGTERM (checkpoint saved); the same command resumes" in out
+  assert f"--workdir {root}/lr=0.0003" not in out  # the next point never started
+  assert "| lr=0.0003 | 0.0003 | **not started** |" in out
+
+
+def test_sigterm_to_the_sweep_reaches_the_running_point(tmp_path):
+  started = tmp_path / "started"
+  child = tmp_path / "train"
+  child.write_text(
+    "#!/bin/bash\ntrap 'echo saved; exit 75' TERM\n"
+    f"touch {started}\nfor _ in $(seq 600); do sleep 0.05; done\n"
+  )
+  child.chmod(child.stat().st_mode | stat.S_IEXEC)
+
+  def term_when_started():
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)  # to this process, i.e. the sweep
+
+  threading.Thread(target=term_when_started, daemon=True).start()
+  before = signal.getsignal(signal.SIGTERM)
+  rc = sweep._run_logged([str(child)], str(tmp_path / "w" / "train.log"))
+  assert rc == PREEMPTED_EXIT_CODE and "saved" in (tmp_path / "w" / "train.log").read_text()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_preempted_point_stops_an_in_process_sweep(tmp_path, capsys, monkeypatch):
+  from iomm_jax.train import loop, pretrain
+
+  calls = []
+
+  def preempted(config, workdir):
+    calls.append(workdir)
+    raise loop.Preempted(3, workdir)
+
+  monkeypatch.setattr(pretrain, "train_and_evaluate", preempted)
+  root = tmp_path / "root"
+  argv = ["--config", PRETRAIN, "--workdir", str(root), "--quick", "--in-process",
+          "--config.model.mllm_from=/m"]  # fmt: skip
+  assert sweep.main(argv) == PREEMPTED_EXIT_CODE
+  assert calls == [str(root / "lr=0.001")]
+  assert "SIGTERM: saved step 3 in" in (root / "lr=0.001" / "train.log").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,22 @@ def test_arm_validation():
     )
 
 
+def test_a_preempted_pretraining_stops_the_study_before_its_fine_tune(tmp_path, monkeypatch):
+  from iomm_jax.train import finetune, loop, pretrain
+
+  def preempted(config, workdir):
+    raise loop.Preempted(5, workdir)
+
+  finetuned = []
+  monkeypatch.setattr(study, "mllm_dir", lambda root, scale: "/stage0")
+  monkeypatch.setattr(pretrain, "train_and_evaluate", preempted)
+  monkeypatch.setattr(finetune, "train_and_evaluate", lambda c, wd: finetuned.append(wd))
+  argv = ["--scale", "quick", "--seeds", "0", "--root", str(tmp_path)]
+  with pytest.raises(SystemExit) as exit_:
+    study.main("q", "Q", [study.Arm("a")], "q.py", argv)
+  assert exit_.value.code == 75 and finetuned == []  # no stage 2 from a stopped stage 1
+
+
 def test_question_1_miniature(tmp_path):
   """CI's one-seed miniature of question 1: all six recipes train, evaluate and tabulate."""
   path = os.path.join(ROOT, "experiments", "shapes", "study", "q1_recipes.py")

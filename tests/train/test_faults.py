@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from iomm_jax import checkpointing, metrics, sharding
+from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, sharding
 from iomm_jax.configs import loading
 from iomm_jax.configs.loading import load_config
 from iomm_jax.train import loop
@@ -156,6 +156,37 @@ def test_a_transient_nonfinite_step_is_skipped_and_training_goes_on(tmp_path):
 def test_max_nonfinite_must_be_positive():
   with pytest.raises(ValueError, match="config.train.max_nonfinite=0 must be at least 1"):
     loading.validate(toy_config(**{"train.max_nonfinite": 0}), num_devices=1)
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+class TermAt(ToyBatch):
+  """``ToyBatch`` that sends this process SIGTERM while making batch ``at`` (step at + 1)."""
+
+  def __init__(self, at: int):
+    super().__init__()
+    self.at = at
+
+  def map(self, i):
+    if i == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().map(i)
+
+
+def test_sigterm_saves_then_raises_preempted_and_the_rerun_finishes(tmp_path):
+  wd = str(tmp_path / "term")
+  c = toy_config(**{"train.num_steps": 12, "train.ckpt_every": 100})
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(loop.Preempted) as err:  # a stopped run never returns as if finished
+    toy_run(c, wd, TermAt(3))
+  step = err.value.step
+  assert 1 <= step < 12 and err.value.workdir == wd  # (grain makes batches ahead of the step)
+  assert err.value.exit_code == PREEMPTED_EXIT_CODE == 75
+  assert listing(wd) == [str(step)]  # saved there (ckpt_every=100 would save only at 12)
+  assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone
+  run_ = toy_run(c, wd)  # the same run again: resumes and returns at the end
+  assert int(run_.state.step) == 12 and listing(wd) == [str(step), "12"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -423,12 +454,13 @@ def interrupted(request, tmp_path_factory):
   return stage, ref.workdir, run.workdir, phases
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_0(interrupted):
+def test_sigterm_saves_at_the_next_step_and_exits_75(interrupted):
   _, _, wd, phases = interrupted
   rc, out, err, saved = phases["term"]
-  assert rc == 0, err[-3000:]
+  assert rc == PREEMPTED_EXIT_CODE == 75, err[-3000:]  # not 0: a chain must not go on
   step = int(out.split("SIGTERM: saved step ")[1].split(",")[0])
   assert 2 <= step < STEPS and max(saved) == step
+  assert f"SIGTERM: saved step {step} in {wd}; run the same command to resume" in err
   assert phases["term_logged"][-1] <= step  # it stopped there
 
 
