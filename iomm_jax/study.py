@@ -117,10 +117,23 @@ def _non_default(spec: str, items: tuple[tuple[str, Any], ...]) -> tuple[tuple[s
   return tuple(out)
 
 
-def _same_run(root: str, wd: str, config) -> str | None:
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """A saved config with the keys it lacks (added to the project after it ran) at ``defaults``."""
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = (
+      _with_defaults(v, defaults[k])
+      if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+      else v
+    )
+  return out
+
+
+def _same_run(root: str, wd: str, config, defaults) -> str | None:
   """A finished stage-2 run elsewhere under ``root`` with exactly this config (another
-  question's arm that is the same experiment), or None."""
-  want = json.loads(config.to_json())
+  question's arm that is the same experiment), or None. A config key added to the project since
+  that run counts as equal when this config leaves it at ``defaults`` (the experiment file's)."""
+  want, base = json.loads(config.to_json()), json.loads(defaults.to_json())
   for question in sorted(os.listdir(root)):
     qdir = os.path.join(root, question)
     if not os.path.isdir(qdir) or question in ("mllm", "pretrain"):
@@ -131,7 +144,7 @@ def _same_run(root: str, wd: str, config) -> str | None:
       if other == wd or os.path.islink(other) or not os.path.exists(path):
         continue
       with open(path) as f:
-        if json.load(f) == want and _finished(other, config.train.num_steps):
+        if _with_defaults(json.load(f), base) == want and _finished(other, config.train.num_steps):
           return other
   return None
 
@@ -215,7 +228,8 @@ def run_arm(
     **dict(arm.both + arm.finetune_overrides),
   }
   c = _config("finetune", scale, scale.finetune_steps, overrides)
-  if not os.path.exists(wd) and (same := _same_run(root, wd, c)):
+  defaults = _config("finetune", scale, scale.finetune_steps, {})
+  if not os.path.exists(wd) and (same := _same_run(root, wd, c, defaults)):
     os.makedirs(os.path.dirname(wd), exist_ok=True)
     os.symlink(os.path.relpath(same, os.path.dirname(wd)), wd)  # one run, two questions
   _train(finetune.train_and_evaluate, c, wd)

@@ -51,6 +51,26 @@ def test_arm_validation():
     )
 
 
+def test_a_run_from_before_a_new_config_key_is_still_the_same_run(tmp_path):
+  scale = study.SCALES["quick"]
+  defaults = study._config("finetune", scale, scale.finetune_steps, {})
+  want = study._config("finetune", scale, scale.finetune_steps, {"seed": 3})
+  other = tmp_path / "q1" / "arm_x-s3"
+  (other / "checkpoints" / str(want.train.num_steps)).mkdir(parents=True)
+  old = json.loads(want.to_json())
+  del old["data"]["path"]  # a key the project gained after this run
+  (other / "config.json").write_text(json.dumps(old))
+  wd = str(tmp_path / "q2" / "arm_y-s3")
+  assert study._same_run(str(tmp_path), wd, want, defaults) == str(other)
+  old["diffusion"]["mix_ratio"] = 0.3  # a real difference
+  (other / "config.json").write_text(json.dumps(old))
+  assert study._same_run(str(tmp_path), wd, want, defaults) is None
+  old["diffusion"]["mix_ratio"] = want.diffusion.mix_ratio
+  old["data"]["path"] = "/elsewhere"  # a new key the old run had otherwise
+  (other / "config.json").write_text(json.dumps(old))
+  assert study._same_run(str(tmp_path), wd, want, defaults) is None
+
+
 def test_a_preempted_pretraining_stops_the_study_before_its_fine_tune(tmp_path, monkeypatch):
   from iomm_jax.train import finetune, loop, pretrain
 
