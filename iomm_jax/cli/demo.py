@@ -33,7 +33,7 @@ _EXPERIMENTS = flags.DEFINE_string(
   "folder of the shapes experiment files",
 )
 _EVAL_PER_CATEGORY = flags.DEFINE_integer(
-  "eval_per_category", 32, "held-out prompts scored per category"
+  "eval_per_category", 64, "held-out prompts scored per category"
 )
 
 
@@ -66,14 +66,26 @@ def markdown_report(report: dict) -> str:
       f"{st['steps_per_s']:.2f} | {report['wall_s'][k]:.0f} |"
     )
   lines += ["", shapes_geneval.markdown_table(report["scores"])]
+  if "finetune_minus_pretrain" in report:
+    lines += ["", comparison_line(report["finetune_minus_pretrain"])]
   return "\n".join(lines)
 
 
-def evaluate(workdir: str, per_category: int, seed: int = 0) -> dict:
+def evaluate(workdir: str, per_category: int, seed: int = 0) -> shapes_geneval.Evaluation:
   """Detector scores of a generator workdir on the held-out prompts, ``per_category`` images
-  per GenEval category (``shapes_geneval``); GenEval's JSON layout."""
+  per GenEval category (``shapes_geneval``; ``.report`` in GenEval's JSON layout)."""
   config, ctx, params = inference.load_generator(workdir)
-  return shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed).report
+  return shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed)
+
+
+def comparison_line(cmp: dict) -> str:
+  """One line: the stage-2 model's score minus the stage-1 model's, with its paired error."""
+  z = cmp["difference"] / cmp["se"] if cmp["se"] > 0 else float("nan")
+  return (
+    f"stage 2 - stage 1, same {cmp['num_images']} prompts and noise: "
+    f"{cmp['difference']:+.3f} +- {cmp['se']:.3f} ({z:.1f} standard errors; "
+    f"{cmp['only_other']} images right only after stage 2, {cmp['only_base']} only after stage 1)"
+  )
 
 
 def _main(argv):
@@ -109,11 +121,14 @@ def _main(argv):
   rows = [(prompts[i], list(imgs[i : i + per_row])) for i in range(0, len(prompts), per_row)]
   Image.fromarray(shapes_geneval.labelled_rows(rows)).save(grid_path)
   per_cat = 2 if quick else _EVAL_PER_CATEGORY.value
-  scores = {name: evaluate(dirs[name], per_cat) for name in ("pretrain", "finetune")}
+  evals = {name: evaluate(dirs[name], per_cat) for name in ("pretrain", "finetune")}
+  scores = {name: ev.report for name, ev in evals.items()}
+  cmp = shapes_geneval.compare(evals["pretrain"], evals["finetune"])
   timings["sample_and_eval"] = time.time() - s
   timings["total"] = time.time() - t0
   report = {
     "scores": scores,
+    "finetune_minus_pretrain": cmp,
     "wall_s": timings,
     "grid": grid_path,
     "stages": {k: stage_summary(d) for k, d in dirs.items()},

@@ -71,18 +71,48 @@ def evaluate(
   metas = select_prompts(world, num_per_prompt, per_category)
   images = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], seed)
   correct = [shapes_detector.score(img, m, world) for img, m in zip(images, metas, strict=True)]
-  hits: dict[str, list[bool]] = {}
-  for m, ok in zip(metas, correct, strict=True):
-    hits.setdefault(m["tag"], []).append(ok)
-  categories = {tag: float(np.mean(v)) for tag, v in hits.items()}
+  overall, se, categories = _mean_of_categories(metas, [float(ok) for ok in correct])
   report = {
-    "overall": float(np.mean(list(categories.values()))),
+    "overall": overall,
+    "overall_se": se,
     "categories": categories,
     "num_images": len(metas),
     "num_prompts": len({m["prompt"] for m in metas}),
     "prompt_set": PROMPT_SET,
   }
   return Evaluation(report, images, metas, correct)
+
+
+def _mean_of_categories(
+  metas: list[dict[str, Any]], values: list[float]
+) -> tuple[float, float, dict[str, float]]:
+  """Per-image values -> (mean over categories of each category's mean, its standard error,
+  the category means). The error treats images as independent samples (sample variance / n per
+  category; categories independent), ignoring that images of one prompt are alike."""
+  by_tag: dict[str, list[float]] = {}
+  for m, v in zip(metas, values, strict=True):
+    by_tag.setdefault(m["tag"], []).append(v)
+  means = {tag: float(np.mean(v)) for tag, v in by_tag.items()}
+  var = sum(np.var(v, ddof=1) / len(v) for v in by_tag.values() if len(v) > 1)
+  return float(np.mean(list(means.values()))), float(np.sqrt(var) / len(by_tag)), means
+
+
+def compare(base: Evaluation, other: Evaluation) -> dict[str, Any]:
+  """``other`` minus ``base`` on the same images (same prompts and seed, e.g. the stage-2 and
+  the stage-1 model): the overall difference with its paired standard error, per category, and
+  how many images only one of the two got right."""
+  if [m["prompt"] for m in base.metas] != [m["prompt"] for m in other.metas]:
+    raise ValueError("compare() needs two evaluations of the same prompts in the same order")
+  d = [float(b) - float(a) for a, b in zip(base.correct, other.correct, strict=True)]
+  diff, se, categories = _mean_of_categories(base.metas, d)
+  return {
+    "difference": diff,
+    "se": se,
+    "categories": categories,
+    "only_other": int(sum(x > 0 for x in d)),
+    "only_base": int(sum(x < 0 for x in d)),
+    "num_images": len(d),
+  }
 
 
 def labelled_rows(

@@ -38,6 +38,11 @@ def test_demo_quick_runs_every_stage(demo):
     report = json.load(f)
   assert set(report["scores"]) == {"pretrain", "finetune"}
   assert 0.0 <= report["scores"]["finetune"]["overall"] <= 1.0
+  cmp, scores = report["finetune_minus_pretrain"], report["scores"]
+  assert cmp["difference"] == pytest.approx(
+    scores["finetune"]["overall"] - scores["pretrain"]["overall"]
+  )
+  assert "stage 2 - stage 1, same 12 prompts and noise:" in out  # --quick: 2 per category
   assert "demo wall time" in out
 
 

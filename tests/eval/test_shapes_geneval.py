@@ -76,3 +76,24 @@ def test_blank_images_fail_everything_and_fill_the_failure_grid(ground_truth_sam
   assert grid.shape[0] == 7 * scale_h  # 7 rows, round-robin over the six categories
   table = G.markdown_table({"blank": ev.report})
   assert "| blank |" in table and "0.000" in table
+
+
+def test_compare_gives_the_paired_difference_and_its_standard_error():
+  metas = [{"tag": t, "prompt": f"{t} {i}"} for t in ("a", "b") for i in range(4)]
+  base = G.Evaluation({}, None, metas, [0, 0, 0, 0, 1, 0, 0, 0])
+  other = G.Evaluation({}, None, metas, [1, 1, 0, 0, 1, 1, 1, 0])
+  cmp = G.compare(base, other)
+  # per category the differences are [1, 1, 0, 0] and [0, 1, 1, 0]: mean 0.5, variance 1/3 each
+  assert cmp["difference"] == pytest.approx(0.5)
+  assert cmp["se"] == pytest.approx(np.sqrt(2 * (1 / 3) / 4) / 2)
+  assert cmp["categories"] == {"a": 0.5, "b": 0.5}
+  assert (cmp["only_other"], cmp["only_base"], cmp["num_images"]) == (4, 0, 8)
+  with pytest.raises(ValueError, match="same prompts"):
+    G.compare(base, G.Evaluation({}, None, metas[::-1], other.correct))
+
+
+def test_report_carries_the_standard_error_of_overall(ground_truth_sampler):
+  ev = G.evaluate(_config(), None, None, per_category=4)
+  assert ev.report["overall_se"] == 0.0  # every image right: no spread
+  ground_truth_sampler["blank"] = True
+  assert G.evaluate(_config(), None, None, per_category=4).report["overall_se"] == 0.0
