@@ -186,15 +186,23 @@ def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -
   return wd
 
 
-METRICS = ("geneval", "editing")
+METRICS = ("geneval", "editing", "reconstruction")
+# what each metric's headline number is (the tables' second column)
+HEADLINES = {
+  "geneval": "overall",
+  "editing": "edit success",
+  "reconstruction": "stage-1 reconstruction at r = 0",
+}
 
 
 def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
-  """A finished stage-2 run's report (cached in its eval/ folder): ``overall`` plus a flat
-  ``categories`` dict, for the shapes GenEval or for zero-shot editing."""
+  """A finished run's report (cached in its eval/ folder): ``overall`` plus a flat
+  ``categories`` dict, for the shapes GenEval or zero-shot editing (of a stage-2 run) or the
+  reconstruction control (of a stage-1 run: preservation of the source's objects when it is
+  its own condition, unmasked or masked)."""
   n = scale.num_per_prompt if metric == "geneval" else scale.edits_per_kind
   # v2 of the editing report adds the reconstruction control (older caches are recomputed)
-  name = f"study_{metric}_{n}.json" if metric == "geneval" else f"study_{metric}_v2_{n}.json"
+  name = f"study_{metric}_v2_{n}.json" if metric == "editing" else f"study_{metric}_{n}.json"
   path = os.path.join(wd, "eval", name)
   if os.path.exists(path):
     with open(path) as f:
@@ -202,6 +210,10 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
   config, ctx, params = inference.load_generator(wd)
   if metric == "geneval":
     report = shapes_geneval.evaluate(config, ctx, params, num_per_prompt=n, seed=0).report
+  elif metric == "reconstruction":
+    r = shapes_editing.reconstruct(config, ctx, params, n, seed=0)
+    cats = {f"{k} {m}": v[m] for k, v in r.items() for m in ("preservation", "exact")}
+    report = {"overall": r["r=0.0"]["preservation"], "categories": cats, "raw": r}
   else:
     r = shapes_editing.evaluate(config, ctx, params, per_kind=n, seed=0)
     cats = {f"{k} success": v["success"] for k, v in r["kinds"].items()}
@@ -217,9 +229,14 @@ def run_arm(
   arm: Arm, seed: int, scale: Scale, root: str, question: str, metric: str = "geneval"
 ) -> dict[str, Any]:
   """Trains an arm's two stages for one seed (runs live under ``root/question``) and returns
-  the stage-2 model's report for ``metric``."""
+  the stage-2 model's report for ``metric`` (for ``reconstruction``, the stage-1 model's: no
+  stage 2 is trained)."""
   mllm_from = mllm_dir(root, scale)
   src = pretrain_dir(arm, seed, scale, root, mllm_from)
+  if metric == "reconstruction":
+    if src is None or arm.pretrain != "image":
+      raise ValueError(f"arm {arm.name!r}: the reconstruction metric needs an image-only stage 1")
+    return _evaluate(src, scale, metric)
   wd = os.path.join(root, question, f"{_slug((('arm', arm.name),))}-s{seed}")
   overrides = {
     "seed": seed,
@@ -371,7 +388,7 @@ def main(
   with exit_on_preemption():  # SIGTERM: the run is saved; no later arm may start from it
     results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
   wall = time.time() - t0
-  table = markdown(results, "overall" if metric == "geneval" else "edit success")
+  table = markdown(results, HEADLINES[metric])
   print(table)
   out = os.path.join(a.root, question)
   os.makedirs(out, exist_ok=True)
@@ -384,11 +401,13 @@ def main(
       f"### {title}\n\n"
       f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps, stage 2 "
       f"{scale.finetune_steps} steps per arm; "
-      + (
-        f"shapes GenEval with {scale.num_per_prompt} images per held-out prompt"
-        if metric == "geneval"
-        else f"{scale.edits_per_kind} zero-shot edits per kind"
-      )
+      + {
+        "geneval": f"shapes GenEval with {scale.num_per_prompt} images per held-out prompt",
+        "editing": f"{scale.edits_per_kind} zero-shot edits per kind",
+        "reconstruction": f"the stage-1 models only, each given {scale.edits_per_kind} random "
+        "scenes as its own condition (unmasked, and masked at 0.85): share of the scene's "
+        "objects reproduced in their cells (preservation) and of scenes reproduced whole (exact)",
+      }[metric]
       + f"; seeds {a.seeds}. {platform.node()} ({os.cpu_count()} CPUs), "
       f"{datetime.date.today()}, {wall / 60:.0f} min for this invocation (cached runs reused).\n\n"
       f"`{cmd}`\n\n{table}\n\n![{question}](study/{os.path.basename(png)})\n"

@@ -124,3 +124,13 @@ def test_question_1_miniature(tmp_path):
     "reconstruct r=0.0", "reconstruct r=0.85",
   }  # fmt: skip
   assert not os.path.exists(os.path.join(root, "q7"))
+  # question 2's second table: the stage-1 models' reconstruction control, no stage 2 trained
+  quick = study.SCALES["quick"]
+  recon = study.run_question("q2r", q1.ARMS[:1], [0], quick, root, metric="reconstruction")
+  assert set(recon["Image->Image"]["categories"]) == {
+    "r=0.0 preservation", "r=0.0 exact", "r=0.85 preservation", "r=0.85 exact"
+  }  # fmt: skip
+  assert os.path.exists(os.path.join(root, "pretrain", "image-s0", "eval"))
+  assert not os.path.exists(os.path.join(root, "q2r"))
+  with pytest.raises(ValueError, match="needs an image-only stage 1"):
+    study.run_question("q2r", q1.ARMS[3:4], [0], quick, root, metric="reconstruction")

@@ -2,7 +2,10 @@
 
   python experiments/shapes/study/q2_mask_ratio.py [--scale small] [--seeds 0 1] [--write-docs]
 
-Paper: r = 0.85 for IOMM-B/L (0.45 for XL); r = 0 lets stage 1 copy its condition.
+Paper: r = 0.85 for IOMM-B/L (0.45 for XL); r = 0 lets stage 1 copy its condition. Two tables:
+the stage-2 models' shapes GenEval, and the stage-1 models' reconstruction control (each stage-1
+model given a scene as its own condition, unmasked and masked): does a low r teach the generator
+to copy its vision tokens, and a high one to read them at all?
 """
 
 from iomm_jax.study import Arm, main
@@ -11,6 +14,8 @@ ARMS = [
   Arm(f"r={r}", pretrain_overrides=(("diffusion.mask_ratio", r),))
   for r in (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)
 ]
+SCRIPT = "experiments/shapes/study/q2_mask_ratio.py"
 
 if __name__ == "__main__":
-  main("q2", "Q2: stage-1 mask ratio", ARMS, "experiments/shapes/study/q2_mask_ratio.py")
+  main("q2", "Q2: stage-1 mask ratio", ARMS, SCRIPT)
+  main("q2r", "Q2: stage-1 reconstruction per mask ratio", ARMS, SCRIPT, metric="reconstruction")
