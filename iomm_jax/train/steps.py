@@ -131,9 +131,11 @@ def generator_loss_fn(
   """Stages 1 and 2: rectified-flow loss of the generator under masked self-conditioning.
 
   ``batch``: image uint8 [B, H, W, 3] (the target, and for image-only samples also the
-  condition), cond_ids [B, L], cond_valid [B, L], is_image_only [B] bool. Image tokens of the
-  condition are zeroed per token with probability ``mask_ratio``; each sample's whole condition
-  is replaced by the null prompt with probability ``cond_dropout``.
+  condition), cond_ids [B, L], cond_valid [B, L], is_image_only [B] bool; optionally cond_image
+  [B, H, W, 3], an image other than the target whose tokens condition (diagnostics:
+  ``benchmarks/condition_use.py``). Image tokens of the condition are zeroed per token with
+  probability ``mask_ratio``; each sample's whole condition is replaced by the null prompt with
+  probability ``cond_dropout``.
   """
   dcfg = config.diffusion
 
@@ -141,7 +143,7 @@ def generator_loss_fn(
     r_mask, r_drop, r_t, r_noise = jax.random.split(rng, 4)
     images = batch["image"]
     b = images.shape[0]
-    vis = iomm.vision_tokens(model, frozen["mllm"], images)
+    vis = iomm.vision_tokens(model, frozen["mllm"], batch.get("cond_image", images))
     keep = masking.token_keep_mask(r_mask, vis.shape[:2], dcfg.mask_ratio)
     vis = masking.mask_tokens(vis, keep)
     drop = jax.random.uniform(r_drop, (b,)) < dcfg.cond_dropout
