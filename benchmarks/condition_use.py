@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from iomm_jax import inference, runtime
+from iomm_jax import checkpointing, inference, runtime
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.train import steps
 
@@ -87,15 +87,15 @@ def main():
   rows = []
   for spec in a.workdir:
     wd, _, step = spec.partition("@")
-    config, ctx, params = inference.load_generator(wd, step=int(step) if step else None)
-    rows.append(
-      (wd, config.diffusion.mask_ratio, losses(config, ctx, params, a.num_images, a.draws))
-    )
-  names = list(rows[0][2])
-  print("| run | trained r | " + " | ".join(names) + " |")
-  print("|---" * (len(names) + 2) + "|")
-  for wd, r, out in rows:
-    print(f"| {wd} | {r} | " + " | ".join(f"{out[n]:.4f}" for n in names) + " |")
+    step = int(step) if step else max(checkpointing.saved_steps(wd), default=None)
+    config, ctx, params = inference.load_generator(wd, step=step)
+    out = losses(config, ctx, params, a.num_images, a.draws)
+    rows.append((wd, step, config.diffusion.mask_ratio, out))
+  names = list(rows[0][3])
+  print("| run | step | trained r | " + " | ".join(names) + " |")
+  print("|---" * (len(names) + 3) + "|")
+  for wd, step, r, out in rows:
+    print(f"| {wd} | {step} | {r} | " + " | ".join(f"{out[n]:.4f}" for n in names) + " |")
 
 
 if __name__ == "__main__":
