@@ -1,7 +1,7 @@
 """Does a trained generator use its image condition? (stage-1 masked self-conditioning)
 
   python benchmarks/condition_use.py --workdir runs/demo/pretrain [W2@STEP ...] [--num-images 64]
-      [--draws 8]
+      [--draws 8] [--reconstruct]
 
 The stage-1 flow-matching loss (``steps.generator_loss_fn``, no condition dropout) on fresh
 shapes-world scenes, with the same timesteps and noise under four conditions:
@@ -12,7 +12,9 @@ shapes-world scenes, with the same timesteps and noise under four conditions:
 
 A generator that reads its vision tokens has a much lower loss with its own image than with
 another's; with r = 0 it could copy the target, and the loss would fall toward zero. Equal losses
-mean the condition is ignored.
+mean the condition is ignored. ``--reconstruct`` adds the sampled reconstruction control
+(``shapes_editing.reconstruct``): the share of a scene's objects found in their cells when the
+scene is its own condition, unmasked and masked at 0.85.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from absl import flags
 
 from iomm_jax import checkpointing, inference, runtime
 from iomm_jax.data import pipeline, shapes
+from iomm_jax.eval import shapes_editing
 from iomm_jax.train import steps
 
 RATIOS = (0.0, 0.85)
@@ -81,6 +84,11 @@ def main():
   )
   p.add_argument("--num-images", type=int, default=64)
   p.add_argument("--draws", type=int, default=8)
+  p.add_argument(
+    "--reconstruct",
+    action="store_true",
+    help="also sample the reconstruction control (shapes_editing.reconstruct) of as many scenes",
+  )
   a = p.parse_args()
   flags.FLAGS.mark_as_parsed()
   runtime.enable_compilation_cache()
@@ -90,6 +98,9 @@ def main():
     step = int(step) if step else max(checkpointing.saved_steps(wd), default=None)
     config, ctx, params = inference.load_generator(wd, step=step)
     out = losses(config, ctx, params, a.num_images, a.draws)
+    if a.reconstruct:  # sampled: share of each scene's objects reproduced in their cells
+      rec = shapes_editing.reconstruct(config, ctx, params, a.num_images, seed=0)
+      out.update({f"reconstruction {k}": v["preservation"] for k, v in rec.items()})
     rows.append((wd, step, config.diffusion.mask_ratio, out))
   names = list(rows[0][3])
   print("| run | step | trained r | " + " | ".join(names) + " |")
