@@ -399,8 +399,9 @@ def main(
     cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, a.seeds))} --write-docs"
     section = (
       f"### {title}\n\n"
-      f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps, stage 2 "
-      f"{scale.finetune_steps} steps per arm; "
+      f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps"
+      + ("" if metric == "reconstruction" else f", stage 2 {scale.finetune_steps} steps")
+      + " per arm; "
       + {
         "geneval": f"shapes GenEval with {scale.num_per_prompt} images per held-out prompt",
         "editing": f"{scale.edits_per_kind} zero-shot edits per kind",
