@@ -98,14 +98,23 @@ echo '{"step": 6, "loss": 0.5}' >> "$wd/metrics.jsonl"
 """
 
 
-def test_local_runs_iomm_train_per_point_and_resumes_after_a_failure(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def stub_sweep(tmp_path, monkeypatch):
+  """(root, argv) of a --quick sweep of the shapes stage 1 whose iomm-train is STUB_TRAIN."""
   stub = tmp_path / "iomm-train"
   stub.write_text(STUB_TRAIN)
   stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setattr(common, "local_train_bin", lambda: str(stub))
-  monkeypatch.setenv("STUB_FAIL", "1")
   root = tmp_path / "root"
-  argv = ["--config", PRETRAIN, "--workdir", str(root), "--quick", "--config.model.mllm_from=/m"]
+  return root, ["--config", PRETRAIN, "--workdir", str(root), "--quick",
+                "--config.model.mllm_from=/m"]  # fmt: skip
+
+
+def test_local_runs_iomm_train_per_point_and_resumes_after_a_failure(
+  stub_sweep, capsys, monkeypatch
+):
+  root, argv = stub_sweep
+  monkeypatch.setenv("STUB_FAIL", "1")
   assert sweep.main(argv) == 1  # the second point failed
   out = capsys.readouterr().out
   assert f"stub --config {PRETRAIN}:quick --workdir {root}/lr=0.001 --config.optim.lr=0.001 " \
@@ -122,14 +131,9 @@ def test_local_runs_iomm_train_per_point_and_resumes_after_a_failure(tmp_path, c
   assert "| lr=0.0003 | 0.0003 | done | 6/6 | 0.5 | - |" in out
 
 
-def test_a_preempted_point_stops_the_sweep(tmp_path, capsys, monkeypatch):
-  stub = tmp_path / "iomm-train"
-  stub.write_text(STUB_TRAIN)
-  stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-  monkeypatch.setattr(common, "local_train_bin", lambda: str(stub))
+def test_a_preempted_point_stops_the_sweep(stub_sweep, capsys, monkeypatch):
+  root, argv = stub_sweep
   monkeypatch.setenv("STUB_TERM", "1")
-  root = tmp_path / "root"
-  argv = ["--config", PRETRAIN, "--workdir", str(root), "--quick", "--config.model.mllm_from=/m"]
   assert sweep.main(argv) == PREEMPTED_EXIT_CODE  # iomm-train exited 75 on the first point
   out = capsys.readouterr().out
   assert "# lr=0.001 stopped by SIGTERM (checkpoint saved); the same command resumes" in out
