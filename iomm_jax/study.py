@@ -245,8 +245,9 @@ def run_arm(
     **dict(arm.both + arm.finetune_overrides),
   }
   c = _config("finetune", scale, scale.finetune_steps, overrides)
-  defaults = _config("finetune", scale, scale.finetune_steps, {})
-  if not os.path.exists(wd) and (same := _same_run(root, wd, c, defaults)):
+  if not os.path.exists(wd) and (
+    same := _same_run(root, wd, c, _config("finetune", scale, scale.finetune_steps, {}))
+  ):
     os.makedirs(os.path.dirname(wd), exist_ok=True)
     os.symlink(os.path.relpath(same, os.path.dirname(wd)), wd)  # one run, two questions
   _train(finetune.train_and_evaluate, c, wd)

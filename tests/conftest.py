@@ -19,6 +19,18 @@ runtime.enable_compilation_cache()
 sys.path.insert(0, ROOT)
 
 
+def perturbed(params, scale: float, seed: int = 1):
+  """``params`` plus ``scale`` x standard normal noise: nonzero adaLN-Zero gates and output
+  weights, so that a freshly initialised generator's output (and gradients) depend on its input."""
+  import jax
+
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+    tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
+
+
 @pytest.fixture(scope="session")
 def quick_mllm(tmp_path_factory):
   """(workdir, last metrics) of a stage-0 MLLM on the quick shapes config, trained once per test

@@ -16,6 +16,7 @@ import pytest
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import adapter, iomm, layers, mmdit
 from iomm_jax.train import context, steps
+from tests.conftest import perturbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POLICIES = tuple(layers.REMAT_POLICIES)
@@ -52,11 +53,7 @@ def _loss_and_grads(remat: str):
   params = nn.meta.unbox(boxed)
   # nonzero modulation/output weights, so that every block's gradient is nonzero (zero-init
   # adaLN would leave most of the generator's gradients exactly 0 at step 0)
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree_util.tree_unflatten(
-    tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  )
+  params = perturbed(params, 0.02)
   batch = _batch(ctx)
   fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, ctx.frozen, batch, jax.random.key(3))[0]))
   return fn(params)

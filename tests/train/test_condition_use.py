@@ -12,8 +12,7 @@ import pytest
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import iomm
 from iomm_jax.train import context
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import ROOT, perturbed
 
 
 def _module():
@@ -34,15 +33,6 @@ def model():
   return config, ctx, params
 
 
-def _perturbed(params):
-  """Nonzero adaLN-Zero gates: a zero-initialised generator predicts 0 whatever its condition."""
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-    tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  )
-
-
 @pytest.fixture(scope="module")
 def cu(model):
   config, ctx, _ = model
@@ -52,7 +42,7 @@ def cu(model):
 
 def test_cond_image_defaults_to_the_target_and_changes_the_loss(model, cu):
   config, ctx, params = model
-  params, fn = _perturbed(params), cu[1][0.85]
+  params, fn = perturbed(params, 0.05), cu[1][0.85]
   rng = np.random.default_rng(0)
   s = ctx.model.image_size
   images = rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8)
@@ -75,5 +65,5 @@ def test_condition_use_losses(model, cu):
   ]  # fmt: skip
   # adaLN-Zero init: the generator's output is 0 for every condition, so every loss is the same
   assert len(set(zero.values())) == 1
-  live = mod.losses(config, ctx, _perturbed(params), num_images=4, draws=2, fns=fns)
+  live = mod.losses(config, ctx, perturbed(params, 0.05), num_images=4, draws=2, fns=fns)
   assert len(set(live.values())) == 4 and all(np.isfinite(v) for v in live.values())
