@@ -28,8 +28,19 @@ from iomm_jax.data.tokenizer import Tokenizer
 
 
 def world_from_config(config: ml_collections.ConfigDict) -> shapes.WorldConfig:
-  """The shapes world of ``config.data`` (canvas, grid)."""
-  return shapes.WorldConfig(canvas=config.data.canvas, grid=config.data.grid)
+  """The shapes world of ``config.data`` (canvas, grid, shapes, hold-out version). A workdir
+  config from before ``data.shapes`` / ``data.holdout`` existed gets the first world (the three
+  shapes of ``shapes.V1_SHAPES``, hold-out v1), which it was trained on."""
+  d = config.data
+  try:
+    return shapes.WorldConfig(
+      canvas=d.canvas,
+      grid=d.grid,
+      shapes=tuple(d.get("shapes", shapes.V1_SHAPES)),
+      holdout=d.get("holdout", "v1"),
+    )
+  except ValueError as e:  # name the config key, not the dataclass field
+    raise ValueError(str(e).replace("WorldConfig.", "config.data.")) from None
 
 
 @dataclasses.dataclass(frozen=True)

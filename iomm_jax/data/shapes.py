@@ -42,15 +42,25 @@ so that counts are exact, exactly as in GenEval's metadata.
 A descriptive caption (``describe``) such as "a red circle above a blue square" or "two green
 triangles and a red circle" is used for MLLM captioning pre-training.
 
-Hold-out rule (``version="v1"``): for each category the full, finite prompt space is enumerated
-(default world: single_object 3, two_object 6, counting 9, colors 18, position 24, color_attr
-180) and a seeded third of it, rounded up, is held out (1, 2, 3, 6, 8, 60). The subset is redrawn
+Hold-out rules (``WorldConfig.holdout``): for each category the full, finite prompt space is
+enumerated and a seeded subset of it is held out. ``"v1"`` holds out a third, rounded up (default
+3-shape world: single_object 3 -> 1, two_object 6 -> 2, counting 9 -> 3, colors 18 -> 6,
+position 24 -> 8, color_attr 180 -> 60). ``"v2"`` holds out at least ``V2_MIN_HELDOUT`` (8)
+prompts per category and at least a third (the 8-shape world of ``V2_SHAPES``: single_object 8 ->
+8, two_object 56 -> 19, counting 24 -> 8, colors 48 -> 16, position 224 -> 75, color_attr 1680 ->
+560), so that every category's score rests on at least 8 distinct prompts. The subset is redrawn
 until every slot value (shape, colour, number, relation) used by several prompts of the category
 still occurs in one of its training prompts; single_object prompts each hold a distinct shape, so
 a held-out "a photo of a square" is learnt only through the other categories ("a photo of a
-square and a circle", "a photo of a red square", ...). Held-out strings never appear in training
-(``sample_pair`` and ``make_pair_set`` exclude them, ``all_caption_corpus`` too) while every word
-does. ``eval_prompts`` returns the first ``per_category`` held-out prompts of each category.
+square and a circle", "a photo of a red square", ...); under v2 every single_object prompt is
+held out. Held-out strings never appear in training (``sample_pair`` and ``make_pair_set``
+exclude them, ``all_caption_corpus`` too) while every word does. ``eval_prompts`` returns the
+first ``per_category`` held-out prompts of each category.
+
+Shapes (``KNOWN_SHAPES``): circle, square, triangle (apex up), diamond, ring and frame (a circle
+and a square with a hole of half their extent), and the wide rectangle and oval (twice as wide
+as tall). A world uses at least three of them. (A plus-shaped cross was tried and dropped: at
+7-10 px it renders too close to a diamond for a detector to tell them apart.)
 """
 
 from __future__ import annotations
@@ -84,7 +94,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 """Named background colours; ``WorldConfig.background`` also accepts an RGB triple."""
 
-KNOWN_SHAPES = ("circle", "square", "triangle", "diamond")
+KNOWN_SHAPES = ("circle", "square", "triangle", "diamond", "ring", "frame", "rectangle", "oval")
+V1_SHAPES = ("circle", "square", "triangle")
+"""The shapes of the first world (hold-out v1; ``WorldConfig``'s default)."""
+V2_SHAPES = KNOWN_SHAPES
+"""The shapes of the second world (hold-out v2): eight, so single_object has 8 prompts."""
+WIDE_SHAPES = ("rectangle", "oval")
+"""Shapes twice as wide as tall (their extent is their width)."""
+HOLE = 0.5
+"""Side of a ring's (round) or a frame's (square) hole as a fraction of its extent."""
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {
@@ -118,7 +136,11 @@ MIN_BACKGROUND_SEPARATION = 100.0
 POSITION_MARGIN = 0.5
 """A position relation holds when the centroids differ by more than this fraction of a cell
 along the relation's axis (see ``relation_holds``)."""
-HOLDOUT_VERSIONS = ("v1",)
+HOLDOUT_VERSIONS = ("v1", "v2")
+V2_MIN_HELDOUT = 8
+"""Hold-out v2: the fewest held-out prompts of a category (all of them if it has fewer)."""
+PLURALS: dict[str, str] = {}
+"""Irregular plurals (every shape of ``KNOWN_SHAPES`` takes an ``s``)."""
 
 
 def _rgb_distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
@@ -141,11 +163,13 @@ class WorldConfig:
     background: a ``BACKGROUNDS`` name or an RGB triple.
     max_count: most objects in a scene (2 to grid * grid).
     supersample: anti-aliasing factor of the renderer.
+    holdout: the hold-out version (``HOLDOUT_VERSIONS``) that splits each category's prompts
+      into training and evaluation prompts.
   """
 
   canvas: int = 32
   grid: int = 2
-  shapes: tuple[str, ...] = ("circle", "square", "triangle")
+  shapes: tuple[str, ...] = V1_SHAPES
   colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
   size_range: tuple[float, float] = (0.6, 0.8)
   size_levels: int = 3
@@ -153,6 +177,7 @@ class WorldConfig:
   background: str | tuple[int, int, int] = "white"
   max_count: int = 4
   supersample: int = 4
+  holdout: str = "v1"
 
   def __post_init__(self) -> None:
     def fail(name: str, msg: str) -> None:
@@ -209,6 +234,8 @@ class WorldConfig:
       fail("max_count", f"must be an int in [2, grid * grid = {self.grid**2}]")
     if not isinstance(self.supersample, int) or not 1 <= self.supersample <= 8:
       fail("supersample", "must be an int in [1, 8]")
+    if self.holdout not in HOLDOUT_VERSIONS:
+      fail("holdout", f"unknown hold-out version; known: {HOLDOUT_VERSIONS}")
 
   @property
   def cell(self) -> float:
@@ -271,6 +298,16 @@ def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, obj: Obj) -> np.ndar
     return (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
   if shape == "diamond":
     return np.abs(dx) + np.abs(dy) <= h
+  if shape == "ring":
+    r2 = dx * dx + dy * dy
+    return (r2 <= h * h) & (r2 >= (HOLE * h) ** 2)
+  if shape == "frame":
+    m = np.maximum(np.abs(dx), np.abs(dy))
+    return (m <= h) & (m >= HOLE * h)
+  if shape == "rectangle":  # twice as wide as tall
+    return (np.abs(dx) <= h) & (np.abs(dy) <= h / 2)
+  if shape == "oval":
+    return (dx / h) ** 2 + (dy / (h / 2)) ** 2 <= 1.0
   raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -302,8 +339,8 @@ def article(word: str) -> str:
 
 
 def plural(shape: str, count: int) -> str:
-  """``shape`` with an ``s`` when ``count`` != 1."""
-  return shape if count == 1 else shape + "s"
+  """``shape``'s plural when ``count`` != 1 ("circles", "crosses")."""
+  return shape if count == 1 else PLURALS.get(shape, shape + "s")
 
 
 def relation_holds(
@@ -385,6 +422,11 @@ def category_prompts(world: WorldConfig, category: str) -> list[dict[str, Any]]:
   return [copy.deepcopy(meta) for _, meta in _category_space(world, category)]
 
 
+def _version(world: WorldConfig, version: str | None) -> str:
+  """The hold-out version asked for, or the world's own."""
+  return world.holdout if version is None else version
+
+
 @functools.lru_cache(maxsize=32)
 def _holdout(world: WorldConfig, version: str) -> dict[str, tuple[tuple[int, ...], frozenset[int]]]:
   """Per category: (held-out indices in selection order, their set)."""
@@ -395,6 +437,8 @@ def _holdout(world: WorldConfig, version: str) -> dict[str, tuple[tuple[int, ...
     space = _category_space(world, category)
     slots = [s for s, _ in space]
     k = max(1, math.ceil(len(space) / 3))
+    if version == "v2":
+      k = min(len(space), max(k, V2_MIN_HELDOUT))
     # Slot values used by more than one prompt must stay in a training prompt of the category
     # (single_object's shapes each occur in one prompt only, so nothing is required there).
     need = []
@@ -414,22 +458,23 @@ def _holdout(world: WorldConfig, version: str) -> dict[str, tuple[tuple[int, ...
 
 
 @functools.lru_cache(maxsize=32)
-def heldout_captions(world: WorldConfig, version: str = "v1") -> frozenset[str]:
-  """All held-out prompt strings of ``world`` (a superset of the evaluated ones)."""
+def heldout_captions(world: WorldConfig, version: str | None = None) -> frozenset[str]:
+  """All held-out prompt strings of ``world`` (a superset of the evaluated ones); ``version``
+  defaults to the world's ``holdout``."""
   out = set()
-  for category, (order, _) in _holdout(world, version).items():
+  for category, (order, _) in _holdout(world, _version(world, version)).items():
     space = _category_space(world, category)
     out.update(space[i][1]["prompt"] for i in order)
   return frozenset(out)
 
 
-def is_heldout(caption: str, world: WorldConfig | None = None, version: str = "v1") -> bool:
+def is_heldout(caption: str, world: WorldConfig | None = None, version: str | None = None) -> bool:
   """Whether ``caption`` is a held-out evaluation prompt (never used for training)."""
   return caption in heldout_captions(world or WorldConfig(), version)
 
 
 def eval_prompts(
-  world: WorldConfig | None = None, per_category: int | None = 16, version: str = "v1"
+  world: WorldConfig | None = None, per_category: int | None = 16, version: str | None = None
 ) -> list[dict[str, Any]]:
   """The fixed evaluation prompt set: up to ``per_category`` held-out prompts per category.
 
@@ -439,7 +484,7 @@ def eval_prompts(
   """
   world = world or WorldConfig()
   out = []
-  for category, (order, _) in _holdout(world, version).items():
+  for category, (order, _) in _holdout(world, _version(world, version)).items():
     space = _category_space(world, category)
     take = order if per_category is None else order[:per_category]
     out.extend(copy.deepcopy(space[i][1]) for i in take)
@@ -447,10 +492,17 @@ def eval_prompts(
 
 
 def training_prompts(
-  world: WorldConfig, category: str, version: str = "v1"
+  world: WorldConfig, category: str, version: str | None = None
 ) -> list[dict[str, Any]]:
-  """The prompts of ``category`` that may be used for training (held-out ones removed)."""
-  return [copy.deepcopy(meta) for meta in _training_space(world, category, version)]
+  """The prompts of ``category`` that may be used for training (held-out ones removed; none for
+  v2's single_object)."""
+  return [copy.deepcopy(m) for m in _training_space(world, category, _version(world, version))]
+
+
+def training_categories(world: WorldConfig, version: str | None = None) -> tuple[str, ...]:
+  """The categories that keep at least one training prompt (v2 holds out all single_object)."""
+  v = _version(world, version)
+  return tuple(c for c in CATEGORIES if _training_space(world, c, v))
 
 
 @functools.lru_cache(maxsize=64)
@@ -584,20 +636,22 @@ def sample_pair(
   category: str | None = None,
   *,
   include_heldout: bool = False,
-  version: str = "v1",
+  version: str | None = None,
 ) -> tuple[Scene, str, dict[str, Any]]:
   """Samples (scene, caption, meta).
 
   Args:
     rng: random generator.
     world: world configuration.
-    category: one of ``CATEGORIES`` (None: uniform over them) or ``DESCRIPTIVE`` (an
-      unconstrained scene with its ``describe`` caption; its meta has exact per-shape counts).
+    category: one of ``CATEGORIES`` (None: uniform over them, or with ``include_heldout``
+      False over ``training_categories``) or ``DESCRIPTIVE`` (an unconstrained scene with its
+      ``describe`` caption; its meta has exact per-shape counts).
     include_heldout: also sample held-out evaluation prompts (never for training).
-    version: hold-out version.
+    version: hold-out version (default: the world's).
   """
+  version = _version(world, version)
   if category is None:
-    category = _pick(rng, CATEGORIES)
+    category = _pick(rng, CATEGORIES if include_heldout else training_categories(world, version))
   if category == DESCRIPTIVE:
     scene = _free_scene(rng, world)
     caption = describe(scene)
@@ -606,6 +660,11 @@ def sample_pair(
     metas = tuple(m for _, m in _category_space(world, category))
   else:
     metas = _training_space(world, category, version)
+    if not metas:
+      raise ValueError(
+        f"category {category!r} has no training prompts under hold-out {version!r} "
+        f"(every one is an evaluation prompt)"
+      )
   meta = copy.deepcopy(_pick(rng, metas))
   return scene_for_meta(rng, world, meta), meta["prompt"], meta
 
@@ -621,15 +680,14 @@ def sample_scene(
 
 
 def make_pair_set(
-  world: WorldConfig, num_pairs: int, seed: int, *, version: str = "v1"
+  world: WorldConfig, num_pairs: int, seed: int, *, version: str | None = None
 ) -> list[tuple[Scene, str, dict[str, Any]]]:
-  """A deterministic training pair set: categories cycle in ``CATEGORIES`` order, prompts are
-  uniform over each category's non-held-out prompts, so no evaluation prompt ever appears."""
+  """A deterministic training pair set: categories cycle in ``CATEGORIES`` order (those with
+  training prompts: ``training_categories``), prompts are uniform over each category's
+  non-held-out prompts, so no evaluation prompt ever appears."""
   rng = np.random.default_rng(seed)
-  out = []
-  for i in range(num_pairs):
-    out.append(sample_pair(rng, world, CATEGORIES[i % len(CATEGORIES)], version=version))
-  return out
+  cats = training_categories(world, version)
+  return [sample_pair(rng, world, cats[i % len(cats)], version=version) for i in range(num_pairs)]
 
 
 def all_caption_corpus(world: WorldConfig | None = None, *, seed: int = 0) -> list[str]:

@@ -19,7 +19,13 @@ Detection (``detect``):
    (square ~1, circle ~pi/4, triangle and diamond ~1/2), its aspect (outside [0.6, 1/0.6]: no
    shape) and, for half-filled blobs, the centroid's relative height (2/3 for an apex-up triangle,
    1/2 for a diamond). Only shapes of the world are reported; anything else has ``shape=None``.
-   Centroids are coverage-weighted.
+   Centroids are coverage-weighted. Worlds with the shapes added for hold-out v2 (ring, frame,
+   rectangle, oval: ``EXTENDED_SHAPES``) are classified by the extended rules of
+   ``_classify_extended`` (a world of the first four shapes keeps exactly the rules above):
+   blobs twice as wide as tall are a rectangle (filled) or an oval (a circle's fill); round blobs
+   that enclose background (``HOLE_FRACTION`` of the box or more) are a ring (a circle's fill
+   less the hole, ~0.59) or a frame (a square's, ~0.75), split at ``FRAME_FILL``; round blobs
+   without a hole, and anything narrower, follow the rules above with a tighter aspect limit.
 
 Scoring (``score``) follows GenEval's ``evaluate_images`` rules on the metadata produced by
 ``iomm_jax.data.shapes``:
@@ -66,6 +72,24 @@ MAX_ASPECT = 1 / 0.6
 """Largest bounding-box aspect ratio (either way) of a known shape."""
 TRIANGLE_CENTROID = 0.58
 """Relative centroid height in the box above which a half-filled blob is a triangle."""
+EXTENDED_SHAPES = ("ring", "frame", "rectangle", "oval")
+"""Shapes that switch a world to the extended rules (``_classify_extended``)."""
+WIDE_ASPECT = (1.45, 2.8)
+"""Extended rules: width / height range of a wide blob (rectangle or oval; nominal 2)."""
+ROUND_ASPECT = 1.3
+"""Extended rules: largest width / height (either way) of a round blob (nominal 1)."""
+HOLE_FRACTION = 0.05
+"""Extended rules: enclosed background, as a share of the box, that makes a round blob a ring
+(a rendered ring encloses ~0.2)."""
+HOLLOW_FILL = (0.4, 0.9)
+"""Extended rules: fill range of a blob with a hole (ring nominal 0.59, frame 0.75)."""
+FRAME_FILL = 0.65
+"""Extended rules: fill at or above which a blob with a hole is a frame, else a ring (rendered
+at 24 px with noise of sigma 16: ring <= 0.62, frame >= 0.67)."""
+WIDE_FILL = 0.855
+"""Extended rules: fill at or above which a wide blob is a rectangle, else an oval (rendered at
+24 px with noise of sigma 16: oval <= 0.83, rectangle >= 0.87; a thin shape's edge pixels weigh
+more than a square's, hence below ``SQUARE_FILL``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +215,8 @@ def _measure(
   cx = float(c.sum(axis=0) @ (np.arange(c.shape[1]) + 0.5)) / area
   cy = float(c.sum(axis=1) @ (np.arange(c.shape[0]) + 0.5)) / area
   fill = area / (bw * bh)
+  if any(x in world.shapes for x in EXTENDED_SHAPES):
+    return _classify_extended(c, cols, rows, fill, cy, world), fill, cx, cy
   if max(bh / bw, bw / bh) > MAX_ASPECT or fill < MIN_FILL:
     return None, fill, cx, cy
   if fill >= SQUARE_FILL:
@@ -198,10 +224,59 @@ def _measure(
   elif fill >= CIRCLE_FILL:
     shape = "circle"
   else:
-    first = int(np.nonzero(rows > 0)[0][0])
-    top = first + 1 - float(rows[first])
+    top = _soft_start(rows)
     shape = "triangle" if (cy - top) / bh > TRIANGLE_CENTROID else "diamond"
   return (shape if shape in world.shapes else None), fill, cx, cy
+
+
+def _soft_start(profile: np.ndarray) -> float:
+  """Soft start of a coverage profile (row or column maxima): the first covered pixel's index
+  plus its uncovered share, so a half-covered edge pixel starts the extent half-way in."""
+  first = int(np.nonzero(profile > 0)[0][0])
+  return first + 1 - float(profile[first])
+
+
+def _hole_share(c: np.ndarray, bw: float, bh: float) -> float:
+  """Background (coverage < 0.5) enclosed by the blob, as a share of its soft box: pixels of
+  the crop not 4-connected to the crop's border (which lies outside the blob)."""
+  free = c < 0.5
+  reach = np.zeros_like(free)
+  reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+  while True:
+    grow = reach.copy()
+    grow[1:] |= reach[:-1]
+    grow[:-1] |= reach[1:]
+    grow[:, 1:] |= reach[:, :-1]
+    grow[:, :-1] |= reach[:, 1:]
+    grow &= free
+    if np.array_equal(grow, reach):
+      break
+    reach = grow
+  return float(np.sum(free & ~reach)) / (bw * bh)
+
+
+def _classify_extended(
+  c: np.ndarray, cols: np.ndarray, rows: np.ndarray, fill: float, cy: float, world: WorldConfig
+) -> str | None:
+  """Shape of a blob (soft coverage ``c``, its column / row maxima) in a world with any of
+  ``EXTENDED_SHAPES`` (see the module docstring); None when nothing of the world fits."""
+  bw, bh = float(cols.sum()), float(rows.sum())
+  aspect = bw / bh
+  shape: str | None = None
+  if WIDE_ASPECT[0] <= aspect <= WIDE_ASPECT[1]:
+    shape = "rectangle" if fill >= WIDE_FILL else "oval" if fill >= CIRCLE_FILL else None
+  elif max(aspect, 1 / aspect) <= ROUND_ASPECT and fill >= MIN_FILL:
+    if _hole_share(c, bw, bh) >= HOLE_FRACTION:
+      if HOLLOW_FILL[0] <= fill <= HOLLOW_FILL[1]:
+        shape = "frame" if fill >= FRAME_FILL else "ring"
+    elif fill >= SQUARE_FILL:
+      shape = "square"
+    elif fill >= CIRCLE_FILL:
+      shape = "circle"
+    else:
+      top = _soft_start(rows)
+      shape = "triangle" if (cy - top) / bh > TRIANGLE_CENTROID else "diamond"
+  return shape if shape in world.shapes else None
 
 
 def detect(image: np.ndarray, world: WorldConfig) -> list[Detection]:

@@ -11,7 +11,7 @@ from iomm_jax.data import pipeline
 from iomm_jax.data import shapes as S
 from iomm_jax.data.tokenizer import Tokenizer
 
-WORLD = S.WorldConfig(canvas=24, grid=2)
+WORLD = S.WorldConfig(canvas=24, grid=2, shapes=S.V2_SHAPES, holdout="v2")  # the demo's world
 AUX = "Generate an image that is identical to the reference image:"
 
 

@@ -253,3 +253,64 @@ def test_small_worlds_have_a_holdout():
     assert {m["tag"] for m in metas} == set(S.CATEGORIES)
     pairs = S.make_pair_set(world, 120, seed=1)
     assert not any(S.is_heldout(c, world) for _, c, _ in pairs)
+
+
+WORLD_V2 = S.WorldConfig(canvas=24, shapes=S.V2_SHAPES, holdout="v2")  # the demo's world
+
+
+def test_v2_holdout_puts_at_least_eight_prompts_in_every_category():
+  metas = S.eval_prompts(WORLD_V2, per_category=None)
+  sizes = {c: sum(m["tag"] == c for m in metas) for c in S.CATEGORIES}
+  assert sizes == {
+    "single_object": 8,
+    "two_object": 19,
+    "counting": 8,
+    "colors": 16,
+    "position": 75,
+    "color_attr": 560,
+  }
+  assert len({m["prompt"] for m in metas}) == len(metas)
+  # every single_object prompt is held out, so no training category holds single objects...
+  assert S.training_prompts(WORLD_V2, "single_object") == []
+  assert S.training_categories(WORLD_V2) == S.CATEGORIES[1:]
+  with pytest.raises(ValueError, match="no training prompts"):
+    S.sample_pair(np.random.default_rng(0), WORLD_V2, "single_object")
+  # ... but every shape word of them is trained through the other categories
+  pairs = S.make_pair_set(WORLD_V2, 3000, seed=0)
+  captions = {c for _, c, _ in pairs}
+  assert not captions & S.heldout_captions(WORLD_V2)
+  words = {w for c in captions for w in c.split()}
+  assert {w for m in metas for w in m["prompt"].split()} <= words
+  assert {m["tag"] for _, _, m in pairs} == set(S.CATEGORIES[1:])
+  # the version is the world's: explicit and implicit agree, v1 of the same world differs
+  assert S.eval_prompts(WORLD_V2, None, version="v2") == metas
+  assert len(S.eval_prompts(WORLD_V2, None, version="v1")) < len(metas)
+
+
+def test_v1_holdout_is_unchanged_by_v2():
+  """The v1 prompt set (and so every score reported on it) stays loadable as it was."""
+  v1 = [m["prompt"] for m in S.eval_prompts(WORLD, per_category=None)]
+  assert v1[:3] == [m["prompt"] for m in S.eval_prompts(S.WorldConfig(holdout="v1"), 3)][:3]
+  assert "a photo of a square" in v1 and len(v1) == 80
+  assert S.training_categories(WORLD) == S.CATEGORIES
+
+
+def test_new_shapes_render_their_geometry():
+  w = WORLD_V2
+  cell = w.cell
+  for shape, fill in (("ring", 0.59), ("frame", 0.75), ("rectangle", 1.0), ("oval", 0.785)):
+    obj = S.Obj(shape, "blue", 0, 0, cell / 2, cell / 2, 0.8 * cell)
+    mask = (S.render(S.Scene((obj,)), w) != 255).any(-1)
+    ys, xs = np.nonzero(mask)
+    h, wd = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if shape in S.WIDE_SHAPES:
+      assert wd >= 1.6 * h, shape  # twice as wide as tall
+    else:
+      assert abs(int(wd) - int(h)) <= 1, shape
+    # share of the bounding box covered: annulus / frame / full box / ellipse (pixelated)
+    assert mask.sum() / (h * wd) == pytest.approx(fill, abs=0.12), shape
+    if shape in ("ring", "frame"):
+      assert not mask[int(cell / 2), int(cell / 2)], shape  # the hole
+  assert S.plural("frame", 2) == "frames" and S.plural("oval", 1) == "oval"
+  with pytest.raises(ValueError, match=r"WorldConfig\.holdout"):
+    S.WorldConfig(holdout="v3")

@@ -11,7 +11,8 @@ WORLDS = [
   WORLD,
   S.WorldConfig(canvas=48, grid=3, shapes=("circle", "square", "triangle", "diamond"), max_count=9),
   S.WorldConfig(canvas=32, grid=3),  # smallest objects: 6.4 px
-  S.WorldConfig(canvas=24, grid=2),  # the demo's world (configs/shapes.py)
+  S.WorldConfig(canvas=24, grid=2),  # the demo's first world (hold-out v1)
+  S.WorldConfig(canvas=24, grid=2, shapes=S.V2_SHAPES, holdout="v2"),  # the demo's world now
   S.WorldConfig(
     canvas=64,
     size_range=(0.5, 0.9),
@@ -20,7 +21,8 @@ WORLDS = [
     colors=("white", "red", "cyan", "yellow", "purple", "green"),
   ),
 ]
-IDS = ["32px-grid2", "48px-grid3-diamond", "32px-grid3", "24px-grid2", "64px-dark"]
+IDS = ["32px-grid2", "48px-grid3-diamond", "32px-grid3", "24px-grid2", "24px-v2", "64px-dark"]
+WORLD_V2 = WORLDS[4]
 
 
 def _ground_truth(world, images_per_prompt, seed=0):
@@ -33,7 +35,7 @@ def _ground_truth(world, images_per_prompt, seed=0):
   return images, metas
 
 
-@pytest.mark.parametrize("world", WORLDS[:3], ids=IDS[:3])
+@pytest.mark.parametrize("world", [*WORLDS[:3], WORLD_V2], ids=[*IDS[:3], IDS[4]])
 def test_ground_truth_eval_renders_score_perfectly(world):
   images, metas = _ground_truth(world, 4 if world is WORLD else 2)
   result = D.score_batch(images, metas, world)
@@ -44,11 +46,39 @@ def test_ground_truth_eval_renders_score_perfectly(world):
   assert D.score_batch(images, metas, world, exact_counts=True)["overall"] >= 0.99
 
 
-def test_ground_truth_survives_pixel_noise():
-  images, metas = _ground_truth(WORLD, 2, seed=1)
+@pytest.mark.parametrize("world", [WORLD, WORLD_V2], ids=["32px-grid2", "24px-v2"])
+def test_ground_truth_survives_pixel_noise(world):
+  images, metas = _ground_truth(world, 2, seed=1)
   rng = np.random.default_rng(0)
   noisy = [np.clip(im + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8) for im in images]
-  assert D.score_batch(noisy, metas, WORLD)["overall"] >= 0.97
+  assert D.score_batch(noisy, metas, world)["overall"] >= 0.97
+
+
+def test_v2_shapes_are_told_apart_under_noise():
+  """Every shape of the 8-shape world, at every size and with jitter and noise of sigma 16, is
+  detected as itself (ring vs frame by fill, rectangle vs oval by fill, wide vs round by aspect)."""
+  rng = np.random.default_rng(3)
+  wrong = []
+  for shape in S.V2_SHAPES:
+    for i in range(30):
+      size = WORLD_V2.sizes[i % len(WORLD_V2.sizes)] * WORLD_V2.cell
+      c = WORLD_V2.cell / 2 + rng.uniform(-0.8, 0.8, 2)
+      obj = S.Obj(shape, WORLD_V2.colors[i % 6], 0, 0, float(c[0]), float(c[1]), size)
+      img = S.render(S.Scene((obj,)), WORLD_V2).astype(np.float32)
+      img = np.clip(img + rng.normal(0, 16, img.shape), 0, 255).astype(np.uint8)
+      dets = D.detect(img, WORLD_V2)
+      if [d.shape for d in dets] != [shape]:
+        wrong.append((shape, [d.shape for d in dets]))
+  assert len(wrong) <= 3, wrong  # of 240
+
+
+def test_v1_worlds_never_report_the_new_shapes():
+  """A 3-shape world keeps the first rules: a ring or a wide blob is no shape of it (a frame's
+  fill is a circle's, which those rules, unchanged, call a circle)."""
+  for shape in ("ring", "rectangle", "oval"):
+    obj = S.Obj(shape, "red", 0, 0, 8.0, 8.0, 12.0)
+    dets = D.detect(S.render(S.Scene((obj,)), WORLD), WORLD)
+    assert len(dets) == 1 and dets[0].shape is None, shape
 
 
 @pytest.mark.parametrize("world", WORLDS, ids=IDS)
