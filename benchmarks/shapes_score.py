@@ -2,10 +2,10 @@
 diagnostics that tell *why* a model fails (the measurement behind docs/RESULTS.md's demo tables).
 
   python benchmarks/shapes_score.py --workdir runs/demo/finetune [--cfg 3] [--steps 20]
-      [--per-category 32] [--raw] [--seed 0]
+      [--per-category 64] [--raw] [--seed 0]
 
-* scores: ``iomm-demo``'s evaluation (``shapes_geneval.evaluate``: held-out prompts,
-  ``--per-category`` images per category);
+* scores: the shapes GenEval (``shapes_geneval.evaluate``, the protocol of ``iomm-eval``,
+  ``iomm-demo`` and the study: with the defaults, the same number they give the checkpoint);
 * colour match: for "a photo of a {colour} {shape}" over every colour and shape (4 images each),
   the share whose dominant foreground colour is the prompt's (chance: 1 / number of colours);
 * empty: the share of those images with no foreground pixel at all (the world has no empty
@@ -23,14 +23,17 @@ import numpy as np
 from absl import flags, logging
 
 from iomm_jax import inference, runtime
-from iomm_jax.data import pipeline
+from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector, shapes_geneval
 
 
 def colour_diagnostics(config, ctx, params, seed: int) -> dict[str, float]:
   """Colour match, empty and recognised shares over single-object colour prompts."""
   world = pipeline.world_from_config(config)
-  prompts = [f"a photo of a {c} {s}" for c in world.colors for s in world.shapes for _ in range(4)]
+  prompts = [
+    f"a photo of {shapes.article(c)} {c} {s}" for c in world.colors for s in world.shapes
+    for _ in range(4)
+  ]  # fmt: skip
   imgs = inference.sample_prompts(config, ctx, params, prompts, seed)
   match = empty = named = 0
   for prompt, img in zip(prompts, imgs):
@@ -56,7 +59,7 @@ def main():
   p.add_argument("--workdir", required=True)
   p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: config's)")
   p.add_argument("--steps", type=int, default=None, help="sampler steps (default: config's)")
-  p.add_argument("--per-category", type=int, default=32)
+  p.add_argument("--per-category", type=int, default=shapes_geneval.PER_CATEGORY)
   p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
@@ -74,18 +77,14 @@ def main():
     config, ctx, params, per_category=a.per_category, seed=a.seed
   ).report
   diag = colour_diagnostics(config, ctx, params, a.seed + 3)
-  cats = sorted(scores["categories"])
   print(
     f"{a.workdir}: cfg {config.sample.cfg_scale}, {config.sample.num_steps} steps, "
     f"{'raw' if a.raw else 'EMA'} weights, {scores['num_images']} images"
   )
-  print("| " + " | ".join(cats) + " | overall | colour match | empty | recognised |")
-  print("|---" * (len(cats) + 4) + "|")
+  print(shapes_geneval.markdown_table({a.workdir: scores}))
   print(
-    "| "
-    + " | ".join(f"{scores['categories'][c]:.2f}" for c in cats)
-    + f" | {scores['overall']:.3f} | {diag['colour_match']:.2f} | {diag['empty']:.2f} |"
-    + f" {diag['recognised']:.2f} |"
+    f"colour match {diag['colour_match']:.2f} (chance {diag['colour_chance']:.2f}), "
+    f"no foreground {diag['empty']:.2f}, recognised {diag['recognised']:.2f}"
   )
   print(json.dumps({"scores": scores, "diagnostics": diag}))
 

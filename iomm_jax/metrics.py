@@ -14,7 +14,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+BORDER = (150, 150, 150)
+"""Grey between and around grid images (a white sample on white would vanish otherwise)."""
+RIGHT, WRONG = (30, 160, 60), (220, 40, 40)
+"""Frame colours of images scored right / wrong."""
 
 
 def _tensorboard_writer(workdir: str):
@@ -101,8 +106,9 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def image_grid(images: np.ndarray, rows: int, pad: int = 2, value: int = 255) -> np.ndarray:
-  """Tiles uint8 images [N, H, W, 3] into a grid with ``rows`` rows."""
+def image_grid(images: np.ndarray, rows: int, pad: int = 2, value: int = BORDER[0]) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, 3] into a grid with ``rows`` rows, ``pad`` pixels of grey
+  ``value`` between and around them."""
   n, h, w, c = images.shape
   cols = -(-n // rows)
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), value, np.uint8)
@@ -112,3 +118,42 @@ def image_grid(images: np.ndarray, rows: int, pad: int = 2, value: int = 255) ->
       pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
     ] = images[i]
   return grid
+
+
+def labelled_grid(
+  rows: list[tuple[str, list[np.ndarray], list[bool | None] | None]],
+  scale: int = 3,
+  label_width: int | None = None,
+  header: list[str] | None = None,
+  legend: str | None = None,
+) -> np.ndarray:
+  """A PNG-ready uint8 canvas: one row per (label, images, marks), the label on the left, each
+  image upscaled ``scale`` times inside a 2-pixel frame: green where its mark is True (scored
+  right), red where False, grey where None (or ``marks`` None). ``header`` labels the columns
+  (e.g. "source" over a stage-1 row's condition image); ``legend`` is a line on top."""
+  font = ImageFont.load_default(size=13)
+  h, w = rows[0][1][0].shape[:2]
+  per_row = max(len(imgs) for _, imgs, _ in rows)
+  cell_h, cell_w = h * scale + 6, w * scale + 6
+  if label_width is None:
+    widths = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(r[0], font=font) for r in rows]
+    label_width = int(max(widths)) + 12
+  top = (18 if legend else 0) + (18 if header else 0)
+  canvas = Image.new("RGB", (label_width + per_row * cell_w + 4, top + len(rows) * cell_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  if legend:
+    draw.text((4, 2), legend, fill="black", font=font)
+  if header:
+    for k, text in enumerate(header):
+      draw.text((label_width + k * cell_w + 2, top - 16), text, fill="black", font=font)
+  for r, (label, imgs, marks) in enumerate(rows):
+    y = top + r * cell_h
+    draw.text((4, y + cell_h // 2 - 7), label, fill="black", font=font)
+    for k, img in enumerate(imgs):
+      x = label_width + k * cell_w
+      mark = None if marks is None else marks[k]
+      colour = BORDER if mark is None else (RIGHT if mark else WRONG)
+      draw.rectangle((x + 1, y + 1, x + cell_w - 2, y + cell_h - 2), fill=colour)
+      tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+      canvas.paste(tile, (x + 3, y + 3))
+  return np.asarray(canvas)

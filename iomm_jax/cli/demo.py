@@ -23,7 +23,7 @@ from iomm_jax import checkpointing, inference, metrics, runtime
 from iomm_jax.cli import absl_argv, exit_on_preemption
 from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_geneval
-from iomm_jax.train import finetune, generator, mllm, pretrain
+from iomm_jax.train import finetune, mllm, pretrain
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output directory")
 _QUICK = flags.DEFINE_bool("quick", False, "seconds-long variant (tests)")
@@ -33,7 +33,7 @@ _EXPERIMENTS = flags.DEFINE_string(
   "folder of the shapes experiment files",
 )
 _EVAL_PER_CATEGORY = flags.DEFINE_integer(
-  "eval_per_category", 64, "held-out prompts scored per category"
+  "eval_per_category", shapes_geneval.PER_CATEGORY, "images scored per GenEval category"
 )
 
 
@@ -72,8 +72,8 @@ def markdown_report(report: dict) -> str:
 
 
 def evaluate(workdir: str, per_category: int, seed: int = 0) -> shapes_geneval.Evaluation:
-  """Detector scores of a generator workdir on the held-out prompts, ``per_category`` images
-  per GenEval category (``shapes_geneval``; ``.report`` in GenEval's JSON layout)."""
+  """The shapes GenEval of a generator workdir (``shapes_geneval.evaluate``, the score
+  ``iomm-eval`` gives the same checkpoint; ``.report`` in GenEval's JSON layout)."""
   config, ctx, params = inference.load_generator(workdir)
   return shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed)
 
@@ -114,12 +114,9 @@ def _main(argv):
 
   s = time.time()
   config, ctx, params = inference.load_generator(dirs["finetune"])
-  per_row = config.sample.per_prompt
-  prompts = [p for p in generator.grid_prompts(config) for _ in range(per_row)]
-  imgs = inference.sample_prompts(config, ctx, params, prompts, seed=1)
+  shown = shapes_geneval.scored_samples(config, ctx, params, per_prompt=2 if quick else 8)
   grid_path = os.path.join(root, "samples.png")
-  rows = [(prompts[i], list(imgs[i : i + per_row])) for i in range(0, len(prompts), per_row)]
-  Image.fromarray(shapes_geneval.labelled_rows(rows)).save(grid_path)
+  Image.fromarray(shapes_geneval.scored_grid(shown)).save(grid_path)
   per_cat = 2 if quick else _EVAL_PER_CATEGORY.value
   evals = {name: evaluate(dirs[name], per_cat) for name in ("pretrain", "finetune")}
   scores = {name: ev.report for name, ev in evals.items()}

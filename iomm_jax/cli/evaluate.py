@@ -1,13 +1,15 @@
 """``iomm-eval``: the shapes-world GenEval of a trained generator workdir.
 
-  iomm-eval --workdir W [--step N] [--num_per_prompt 4] [--seed 0] [--cfg 3] [--steps 20]
+  iomm-eval --workdir W [--step N] [--per_category 64] [--seed 0] [--cfg 3] [--steps 20]
       [--no-ema]
 
-Generates ``--num_per_prompt`` images for every held-out evaluation prompt
-(``shapes_geneval.PROMPT_SET``), scores them with the deterministic detector and writes
-``W/eval/shapes_geneval.json`` (``{"overall", "categories", "num_images", "step", ...}``) and
-``W/eval/shapes_geneval_failures.png`` (failed images, one row per prompt); prints the table.
-Sampler settings default to the workdir's config.
+Generates ``--per_category`` images per GenEval category from the world's held-out prompts and
+scores them with the deterministic detector (``shapes_geneval.evaluate``: the same protocol as
+``iomm-demo``, the recipe study and ``benchmarks/shapes_score.py``, so a checkpoint has one
+score), then writes ``W/eval/shapes_geneval.json`` (``{"overall", "overall_se", "categories",
+"category_se", "empty", "num_images", "step", ...}``) and ``W/eval/shapes_geneval_failures.png``
+(failed images, one row per prompt); prints the table. Sampler settings default to the
+workdir's config.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from iomm_jax.eval import shapes_geneval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_NUM = flags.DEFINE_integer("num_per_prompt", 4, "images per evaluation prompt")
+_NUM = flags.DEFINE_integer(
+  "per_category", shapes_geneval.PER_CATEGORY, "images per GenEval category"
+)
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _CFG = flags.DEFINE_float("cfg", None, "guidance scale (default: the workdir's config)")
 _STEPS = flags.DEFINE_integer("steps", None, "ODE steps (default: the workdir's config)")
@@ -34,15 +38,15 @@ _EMA = flags.DEFINE_bool("ema", True, "use the EMA parameters")
 def run(
   workdir: str,
   step: int | None = None,
-  num_per_prompt: int = 4,
+  per_category: int = shapes_geneval.PER_CATEGORY,
   seed: int = 0,
   cfg: float | None = None,
   steps: int | None = None,
   use_ema: bool = True,
 ) -> dict:
   """Evaluates ``workdir`` and writes its eval files; returns the JSON report."""
-  if num_per_prompt < 1:
-    raise ValueError(f"--num_per_prompt must be >= 1, got {num_per_prompt}")
+  if per_category < 1:
+    raise ValueError(f"--per_category must be >= 1, got {per_category}")
   if step is None:  # record which checkpoint was scored
     saved = checkpointing.saved_steps(workdir)
     step = saved[-1] if saved else None
@@ -53,15 +57,8 @@ def run(
   if steps is not None:
     config.sample.num_steps = steps
   config.lock()
-  ev = shapes_geneval.evaluate(config, ctx, params, num_per_prompt=num_per_prompt, seed=seed)
-  report = {
-    **ev.report,
-    "step": step,
-    "weights": "ema" if use_ema else "params",
-    "seed": seed,
-    "cfg_scale": config.sample.cfg_scale,
-    "sample_steps": config.sample.num_steps,
-  }
+  ev = shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed)
+  report = {**ev.report, "step": step, "weights": "ema" if use_ema else "params"}
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   checkpointing.save_json(os.path.join(out, "shapes_geneval.json"), report)

@@ -1,13 +1,23 @@
-"""GenEval for the shapes world: generate images for the fixed, held-out prompt set and score them
-with the deterministic detector, per GenEval category (overall = mean of the categories).
+"""GenEval for the shapes world: the one score of a shapes generator.
 
-The prompt set is ``shapes.eval_prompts(world, None, PROMPT_SET)``: every held-out prompt of the
-world, none of which appears among the training captions (``shapes.is_heldout``). Two ways to
-choose the images:
+``evaluate`` generates images for the world's held-out prompt set (``shapes.eval_prompts(world,
+None)``: every held-out prompt of the world's hold-out version, none of which appears among the
+training captions) and scores them with the deterministic detector. The protocol is fixed, so a
+checkpoint has one score whoever computes it (``iomm-eval``, ``iomm-demo``, the recipe study,
+``benchmarks/shapes_score.py`` all call ``evaluate``):
 
-* ``num_per_prompt`` (``iomm-eval``, as GenEval): every prompt, that many images each;
-* ``per_category`` (``iomm-demo``, cheaper): that many images per category, cycling over the
-  category's prompts, so that every category weighs the same number of images.
+* ``per_category`` images per GenEval category (default ``PER_CATEGORY`` = 64), cycling over the
+  category's held-out prompts in their hold-out order, so every category weighs the same number
+  of images and, under hold-out v2, rests on at least 8 distinct prompts;
+* image i's noise comes from its own key, ``fold_in(key(seed), i)``, so an image does not depend
+  on the batch it was generated in;
+* the sampler settings of the run's ``config.sample`` (steps, solver, guidance, shift) and its
+  EMA weights, unless the caller overrides them;
+* overall = the mean over categories (GenEval's weighting), with its standard error, each
+  category's standard error, and the share of empty images (the detector finds no object).
+
+The error treats images as independent samples (sample variance / n per category; categories
+independent): images of one prompt are alike, so it understates the uncertainty somewhat.
 """
 
 from __future__ import annotations
@@ -15,14 +25,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from iomm_jax import inference
+from iomm_jax import inference, metrics
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector
 
-PROMPT_SET = "v1"  # shapes.HOLDOUT_VERSIONS entry; bump it (never edit it) to change the set
+PER_CATEGORY = 64
+"""Images per category of the shapes GenEval (every caller's default)."""
 
 
 @dataclasses.dataclass
@@ -36,25 +47,52 @@ class Evaluation:
 
 
 def select_prompts(
-  world: shapes.WorldConfig,
-  num_per_prompt: int | None = None,
-  per_category: int | None = None,
-  version: str = PROMPT_SET,
+  world: shapes.WorldConfig, per_category: int = PER_CATEGORY
 ) -> list[dict[str, Any]]:
-  """One metadata row per image to generate (see the module docstring); exactly one of the two
-  counts must be given."""
-  if (num_per_prompt is None) == (per_category is None):
-    raise ValueError("give exactly one of num_per_prompt and per_category")
-  count = num_per_prompt if per_category is None else per_category
-  if count < 1:
-    raise ValueError(f"images per {'prompt' if per_category is None else 'category'} must be >= 1")
-  prompts = shapes.eval_prompts(world, per_category=None, version=version)
-  if num_per_prompt is not None:
-    return [m for m in prompts for _ in range(num_per_prompt)]
+  """One metadata row per image to generate: ``per_category`` per category, cycling over the
+  category's held-out prompts (in hold-out order), categories in ``shapes.CATEGORIES`` order."""
+  if per_category < 1:
+    raise ValueError(f"images per category must be >= 1, got {per_category}")
   by_tag: dict[str, list[dict[str, Any]]] = {}
-  for m in prompts:
+  for m in shapes.eval_prompts(world, per_category=None):
     by_tag.setdefault(m["tag"], []).append(m)
-  return [ms[i % len(ms)] for ms in by_tag.values() for i in range(per_category)]
+  return [by_tag[c][i % len(by_tag[c])] for c in shapes.CATEGORIES for i in range(per_category)]
+
+
+def image_keys(seed: int, n: int) -> jax.Array:
+  """[n] PRNG keys, image i's ``fold_in(key(seed), i)`` (batch-independent noise)."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.arange(n))
+
+
+def is_empty(image: np.ndarray, world: shapes.WorldConfig) -> bool:
+  """Whether the detector finds no object at all in ``image``."""
+  return not shapes_detector.detect(image, world)
+
+
+def score_images(
+  images: np.ndarray, metas: list[dict[str, Any]], world: shapes.WorldConfig
+) -> dict[str, Any]:
+  """The report of already generated images (see the module docstring) and the verdicts."""
+  correct = [shapes_detector.score(img, m, world) for img, m in zip(images, metas, strict=True)]
+  empty = [float(is_empty(img, world)) for img in images]
+  overall, se, categories, category_se = _mean_of_categories(metas, [float(c) for c in correct])
+  empty_share, _, empty_by_cat, _ = _mean_of_categories(metas, empty)
+  per_prompt: dict[str, set[str]] = {}
+  for m in metas:
+    per_prompt.setdefault(m["tag"], set()).add(m["prompt"])
+  report = {
+    "overall": overall,
+    "overall_se": se,
+    "categories": categories,
+    "category_se": category_se,
+    "empty": empty_share,
+    "empty_categories": empty_by_cat,
+    "num_images": len(metas),
+    "num_prompts": len({m["prompt"] for m in metas}),
+    "prompts_per_category": {k: len(v) for k, v in per_prompt.items()},
+    "prompt_set": world.holdout,
+  }
+  return {"report": report, "correct": correct}
 
 
 def evaluate(
@@ -62,39 +100,59 @@ def evaluate(
   ctx,
   params,
   *,
-  num_per_prompt: int | None = None,
-  per_category: int | None = None,
+  per_category: int = PER_CATEGORY,
   seed: int = 0,
+  metas: list[dict[str, Any]] | None = None,
 ) -> Evaluation:
-  """Generates and scores the evaluation images of a loaded generator (``inference``)."""
+  """Generates and scores the evaluation images of a loaded generator (``inference``);
+  ``metas`` replaces the held-out selection (e.g. ``scored_samples``' rows)."""
   world = pipeline.world_from_config(config)
-  metas = select_prompts(world, num_per_prompt, per_category)
-  images = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], seed)
-  correct = [shapes_detector.score(img, m, world) for img, m in zip(images, metas, strict=True)]
-  overall, se, categories = _mean_of_categories(metas, [float(ok) for ok in correct])
-  report = {
-    "overall": overall,
-    "overall_se": se,
-    "categories": categories,
-    "num_images": len(metas),
-    "num_prompts": len({m["prompt"] for m in metas}),
-    "prompt_set": PROMPT_SET,
-  }
-  return Evaluation(report, images, metas, correct)
+  metas = select_prompts(world, per_category) if metas is None else metas
+  keys = image_keys(seed, len(metas))
+  images = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], keys)
+  scored = score_images(images, metas, world)
+  s = config.sample
+  scored["report"].update(
+    seed=seed,
+    per_category=per_category,
+    sample_steps=s.num_steps,
+    solver=s.solver,
+    cfg_scale=s.cfg_scale,
+    shift=s.shift,
+  )
+  return Evaluation(scored["report"], images, metas, scored["correct"])
+
+
+def scored_samples(
+  config, ctx, params, prompts_per_category: int = 2, per_prompt: int = 8, seed: int = 1
+) -> Evaluation:
+  """A readable sample of the held-out set: the first ``prompts_per_category`` held-out prompts
+  of each category, ``per_prompt`` images each, scored like ``evaluate`` (for ``scored_grid``)."""
+  world = pipeline.world_from_config(config)
+  metas = []
+  for c in shapes.CATEGORIES:
+    held = [m for m in shapes.eval_prompts(world, per_category=None) if m["tag"] == c]
+    metas += [m for m in held[:prompts_per_category] for _ in range(per_prompt)]
+  return evaluate(config, ctx, params, per_category=per_prompt, seed=seed, metas=metas)
 
 
 def _mean_of_categories(
   metas: list[dict[str, Any]], values: list[float]
-) -> tuple[float, float, dict[str, float]]:
+) -> tuple[float, float, dict[str, float], dict[str, float]]:
   """Per-image values -> (mean over categories of each category's mean, its standard error,
-  the category means). The error treats images as independent samples (sample variance / n per
-  category; categories independent), ignoring that images of one prompt are alike."""
+  the category means, their standard errors). The errors treat images as independent samples
+  (sample variance / n per category; categories independent), ignoring that images of one
+  prompt are alike."""
   by_tag: dict[str, list[float]] = {}
   for m, v in zip(metas, values, strict=True):
     by_tag.setdefault(m["tag"], []).append(v)
   means = {tag: float(np.mean(v)) for tag, v in by_tag.items()}
-  var = sum(np.var(v, ddof=1) / len(v) for v in by_tag.values() if len(v) > 1)
-  return float(np.mean(list(means.values()))), float(np.sqrt(var) / len(by_tag)), means
+  ses = {
+    tag: float(np.sqrt(np.var(v, ddof=1) / len(v))) if len(v) > 1 else 0.0
+    for tag, v in by_tag.items()
+  }
+  var = sum(se**2 for se in ses.values())
+  return float(np.mean(list(means.values()))), float(np.sqrt(var) / len(by_tag)), means, ses
 
 
 def compare(base: Evaluation, other: Evaluation) -> dict[str, Any]:
@@ -104,7 +162,7 @@ def compare(base: Evaluation, other: Evaluation) -> dict[str, Any]:
   if [m["prompt"] for m in base.metas] != [m["prompt"] for m in other.metas]:
     raise ValueError("compare() needs two evaluations of the same prompts in the same order")
   d = [float(b) - float(a) for a, b in zip(base.correct, other.correct, strict=True)]
-  diff, se, categories = _mean_of_categories(base.metas, d)
+  diff, se, categories, _ = _mean_of_categories(base.metas, d)
   return {
     "difference": diff,
     "se": se,
@@ -115,25 +173,21 @@ def compare(base: Evaluation, other: Evaluation) -> dict[str, Any]:
   }
 
 
-def labelled_rows(
-  rows: list[tuple[str, list[np.ndarray]]], scale: int = 3, label_width: int = 330
-) -> np.ndarray:
-  """A PNG-ready uint8 canvas: one row per (label, images), the label on the left, each image
-  upscaled and framed in grey (so a blank white sample stays visible)."""
-  h, w = rows[0][1][0].shape[:2]
-  per_row = max(len(imgs) for _, imgs in rows)
-  cell_h, cell_w = h * scale + 4, w * scale + 4
-  canvas = Image.new("RGB", (label_width + per_row * cell_w, len(rows) * cell_h), "white")
-  draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default(size=14)
-  for r, (label, imgs) in enumerate(rows):
-    draw.text((4, r * cell_h + cell_h // 2 - 6), label, fill="black", font=font)
-    for k, img in enumerate(imgs):
-      x, y = label_width + k * cell_w, r * cell_h
-      draw.rectangle((x, y, x + cell_w - 1, y + cell_h - 1), outline=(200, 200, 200))
-      tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
-      canvas.paste(tile, (x + 2, y + 2))
-  return np.asarray(canvas)
+def scored_grid(ev: Evaluation, scale: int = 3) -> np.ndarray:
+  """The images of ``ev`` one row per prompt (``[category] prompt: k/n right``), each framed in
+  green when the detector scores it right and in red when wrong (``metrics.labelled_grid``)."""
+  by_prompt: dict[str, tuple[str, list[np.ndarray], list[bool]]] = {}
+  for img, m, ok in zip(ev.images, ev.metas, ev.correct, strict=True):
+    row = by_prompt.setdefault(m["prompt"], (m["tag"], [], []))
+    row[1].append(img)
+    row[2].append(bool(ok))
+  rows = [
+    (f"[{tag}] {prompt}: {sum(oks)}/{len(oks)} right", imgs, oks)
+    for prompt, (tag, imgs, oks) in by_prompt.items()
+  ]
+  return metrics.labelled_grid(
+    rows, scale=scale, legend="frame: green = right, red = wrong (shapes detector)"
+  )
 
 
 def failure_grid(ev: Evaluation, max_rows: int = 24) -> np.ndarray | None:
@@ -152,18 +206,27 @@ def failure_grid(ev: Evaluation, max_rows: int = 24) -> np.ndarray | None:
   while len(rows) < max_rows and any(queues):
     for q in queues:
       if q and len(rows) < max_rows:
-        rows.append(q.pop(0))
-  return labelled_rows(rows, label_width=400)
+        label, imgs = q.pop(0)
+        rows.append((label, imgs[:12], [False] * len(imgs[:12])))
+  return metrics.labelled_grid(rows, legend="failed images (red frame: scored wrong)")
 
 
 def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
-  """A markdown table of several reports (row label -> report), categories as columns."""
-  cats = sorted(next(iter(reports.values()))["categories"])
+  """A markdown table of several reports (row label -> report): categories (with their
+  standard errors where the report has them), overall +- its error, empty share, images."""
+  cats = [c for c in shapes.CATEGORIES if c in next(iter(reports.values()))["categories"]]
   lines = [
-    "| model | " + " | ".join(cats) + " | overall | images |",
-    "|---" * (len(cats) + 3) + "|",
+    "| model | " + " | ".join(cats) + " | overall | empty | images |",
+    "|---" * (len(cats) + 4) + "|",
   ]
+
+  def cell(r, c):
+    v, se = r["categories"].get(c, float("nan")), r.get("category_se", {}).get(c)
+    return f"{v:.3f}" if se is None else f"{v:.3f} ± {se:.3f}"
+
   for name, r in reports.items():
-    cells = " | ".join(f"{r['categories'].get(c, float('nan')):.3f}" for c in cats)
-    lines.append(f"| {name} | {cells} | {r['overall']:.3f} | {r['num_images']} |")
+    cells = " | ".join(cell(r, c) for c in cats)
+    overall = f"{r['overall']:.3f}" + (f" ± {r['overall_se']:.3f}" if "overall_se" in r else "")
+    empty = f"{r['empty']:.3f}" if "empty" in r else "n/a"
+    lines.append(f"| {name} | {cells} | {overall} | {empty} | {r['num_images']} |")
   return "\n".join(lines)

@@ -117,11 +117,11 @@ def setup(
 
 def grid_prompts(config: ml_collections.ConfigDict) -> list[str]:
   """``config.sample.num_grid`` held-out evaluation prompts, spread over the categories."""
-  metas = shapes.eval_prompts(pipeline.world_from_config(config))
+  metas = shapes.eval_prompts(pipeline.world_from_config(config), per_category=None)
   by_cat: dict[str, list[str]] = {}
   for m in metas:
     by_cat.setdefault(m["tag"], []).append(m["prompt"])
-  cats = sorted(by_cat)
+  cats = [c for c in shapes.CATEGORIES if c in by_cat]
   return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(config.sample.num_grid)]
 
 
@@ -131,15 +131,19 @@ def sample_grid(
   state: steps.TrainState,
   kind: str,
 ) -> np.ndarray:
-  """A PNG-ready grid: one row per held-out prompt ("text"), or, for "image", each row a source
-  image followed by generations from its masked self-condition."""
+  """A PNG-ready grid: one row per held-out prompt, labelled with it ("text"), or, for
+  "image", each row a source image (the column headed "source") followed by generations from
+  its masked self-condition."""
   s = config.sample
   params = state.ema if s.use_ema else state.params
   seed = config.seed + 99
   if kind == "text":
-    prompts = [p for p in grid_prompts(config) for _ in range(s.per_prompt)]
+    names = grid_prompts(config)
+    prompts = [p for p in names for _ in range(s.per_prompt)]
     imgs = inference.sample_prompts(config, ctx, params, prompts, seed=seed)
-    return metrics.image_grid(imgs, rows=s.num_grid)
+    rows = [(p, list(imgs[i * s.per_prompt : (i + 1) * s.per_prompt]), None) for i, p in
+            enumerate(names)]  # fmt: skip
+    return metrics.labelled_grid(rows, legend=f"step {int(state.step)}: held-out prompts")
   world = pipeline.world_from_config(config)
   src = np.stack(
     [
@@ -150,10 +154,13 @@ def sample_grid(
   cond = np.repeat(src, s.per_prompt, axis=0)
   ids, valid = ctx.conditioner.image_condition()
   ids, valid = np.tile(ids, (len(cond), 1)), np.tile(valid, (len(cond), 1))
-  imgs = inference.sample(
-    config, ctx, params, ids, valid, seed, images=cond, mask_ratio=config.diffusion.mask_ratio
+  r = config.diffusion.mask_ratio
+  imgs = inference.sample(config, ctx, params, ids, valid, seed, images=cond, mask_ratio=r)
+  imgs = imgs.reshape(s.num_grid, s.per_prompt, *imgs.shape[1:])
+  rows = [(f"scene {i}", [src[i], *imgs[i]], None) for i in range(s.num_grid)]
+  header = ["source"] + [f"sample {k + 1}" for k in range(s.per_prompt)]
+  legend = (
+    f"step {int(state.step)}: source image, then samples conditioned on it with "
+    f"{r:.0%} of its vision tokens masked"
   )
-  rows = np.concatenate(
-    [src[:, None], imgs.reshape(s.num_grid, s.per_prompt, *imgs.shape[1:])], axis=1
-  )
-  return metrics.image_grid(rows.reshape(-1, *imgs.shape[1:]), rows=s.num_grid)
+  return metrics.labelled_grid(rows, header=header, legend=legend)

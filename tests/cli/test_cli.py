@@ -46,6 +46,27 @@ def test_demo_quick_runs_every_stage(demo):
   assert "demo wall time" in out
 
 
+def test_one_checkpoint_has_one_score(demo):
+  """The demo, iomm-eval, the recipe study and benchmarks/shapes_score.py score a checkpoint with
+  the same protocol: the same report for the same images."""
+  from iomm_jax import study
+
+  wd = os.path.join(demo[0], "finetune")
+  with open(os.path.join(demo[0], "demo_eval.json")) as f:
+    from_demo = json.load(f)["scores"]["finetune"]  # --quick: 2 images per category
+  run("iomm-eval", "--workdir", wd, "--per-category", "2")
+  with open(os.path.join(wd, "eval", "shapes_geneval.json")) as f:
+    from_eval = json.load(f)
+  from_study = study._evaluate(wd, study.Scale("t", 0, 0, 0, 2, 2), "geneval")
+  bench = run(sys.executable, "benchmarks/shapes_score.py", "--workdir", wd, "--per-category", "2")
+  from_bench = json.loads(bench.stdout.strip().splitlines()[-1])["scores"]
+  keys = ("overall", "overall_se", "categories", "empty", "num_images", "prompts_per_category")
+  for other in (from_eval, from_study, from_bench):
+    assert {k: other[k] for k in keys} == {k: from_demo[k] for k in keys}
+  assert from_study["correct"] == [bool(c) for c in from_study["correct"]]
+  assert len(from_study["correct"]) == from_demo["num_images"] == 12
+
+
 def test_train_cli_overrides_and_resume(demo, tmp_path):
   wd = str(tmp_path / "p")
   args = (
@@ -98,10 +119,10 @@ def test_sample_cli_writes_a_grid(demo, tmp_path):
 
 def test_eval_cli_writes_scores_and_failures(demo):
   wd = os.path.join(demo[0], "finetune")
-  proc = run("iomm-eval", "--workdir", wd, "--num-per-prompt", "1", "--steps", "2")
+  proc = run("iomm-eval", "--workdir", wd, "--per-category", "1", "--steps", "2")
   with open(os.path.join(wd, "eval", "shapes_geneval.json")) as f:
     report = json.load(f)
-  assert report["step"] == 6 and report["num_images"] == report["num_prompts"]
+  assert report["step"] == 6 and report["num_images"] == 6 and report["per_category"] == 1
   assert set(report["categories"]) == {
     "single_object", "two_object", "counting", "colors", "position", "color_attr"
   }  # fmt: skip
