@@ -61,12 +61,15 @@ MODEL_KEYS = (
   "codec_factor",
   "vae",
   "image_size",
+  "prediction",
 )
+MODEL_KEY_DEFAULTS = {"prediction": "velocity"}
+"""Values of model keys added after checkpoints were made (what those checkpoints were)."""
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The parts of ``config.model`` a checkpoint must match."""
-  return {k: config.model[k] for k in MODEL_KEYS}
+  return {k: config.model.get(k, MODEL_KEY_DEFAULTS.get(k)) for k in MODEL_KEYS}
 
 
 def check_model_signature(
@@ -75,9 +78,10 @@ def check_model_signature(
   """Raises a ValueError naming every model key on which ``saved`` and ``config`` differ."""
   want = model_signature(config)
   diff = [
-    f"config.model.{k}: checkpoint has {saved.get(k)!r}, config has {want[k]!r}"
+    f"config.model.{k}: checkpoint has {saved.get(k, MODEL_KEY_DEFAULTS.get(k))!r}, "
+    f"config has {want[k]!r}"
     for k in MODEL_KEYS
-    if saved.get(k) != want[k]
+    if saved.get(k, MODEL_KEY_DEFAULTS.get(k)) != want[k]
   ]
   if diff:
     raise ValueError(

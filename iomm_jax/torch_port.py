@@ -270,9 +270,12 @@ def velocity(
   pooled: torch.Tensor,
   latent_patch: int = 2,
   guidance: torch.Tensor | None = None,
+  prediction: str = "velocity",
+  x_pred_t_min: float = 0.05,
 ) -> torch.Tensor:
   """``iomm.velocity`` with a diffusers ``FluxTransformer2DModel``: x_t [B, h, w, c], t [B] in
-  [0, 1] -> velocity [B, h, w, c] float32."""
+  [0, 1] -> velocity [B, h, w, c] float32 (``prediction`` "x": the transformer outputs the clean
+  sample, as ``flow.velocity_from_output``)."""
   b, h, w, _ = x_t.shape
   p = latent_patch
   dtype = next(transformer.parameters()).dtype
@@ -286,7 +289,13 @@ def velocity(
     guidance=guidance,
     return_dict=False,
   )[0]
-  return unpack_latents(out.float(), h, w, p)
+  out = unpack_latents(out.float(), h, w, p)
+  if prediction == "velocity":
+    return out
+  if prediction != "x":
+    raise ValueError(f"unknown prediction {prediction!r}; choose 'velocity' or 'x'")
+  tb = torch.clamp(t.float(), min=x_pred_t_min).reshape(-1, 1, 1, 1)
+  return (x_t.float() - out) / tb
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -340,10 +349,12 @@ def sample_latents(
   latent_patch: int = 2,
   ctx_uncond: torch.Tensor | None = None,
   pooled_uncond: torch.Tensor | None = None,
+  prediction: str = "velocity",
+  x_pred_t_min: float = 0.05,
 ) -> torch.Tensor:
   """Latents [B, h, w, c] at t = 0 from ``noise`` given the condition (``generate._generate``'s
   sampling half): with ``cfg_scale != 1`` the unconditional ``ctx_uncond`` / ``pooled_uncond``
-  (one row or B rows) join the batch as ``[cond; uncond]``."""
+  (one row or B rows) join the batch as ``[cond; uncond]``; ``prediction`` as in ``velocity``."""
   b = noise.shape[0]
   if cfg_scale != 1.0:
     if ctx_uncond is None or pooled_uncond is None:
@@ -355,8 +366,9 @@ def sample_latents(
   def v_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     reps = ctx.shape[0] // b
     v = velocity(
-      transformer, torch.cat([x] * reps), torch.cat([t] * reps), ctx, pooled, latent_patch
-    )
+      transformer, torch.cat([x] * reps), torch.cat([t] * reps), ctx, pooled, latent_patch,
+      prediction=prediction, x_pred_t_min=x_pred_t_min,
+    )  # fmt: skip
     if reps == 1:
       return v
     vc, vu = v[:b], v[b:]
@@ -606,6 +618,8 @@ class IOMMPipeline:
       latent_patch=self.meta["latent_patch"],
       ctx_uncond=ctx_u,
       pooled_uncond=pooled_u,
+      prediction=self.meta.get("prediction", "velocity"),
+      x_pred_t_min=self.meta.get("x_pred_t_min", 0.05),
     )
     return self.decode_latents(latents)
 

@@ -356,6 +356,8 @@ def generator_meta(model: Any) -> dict[str, Any]:
     "image_size": model.image_size,
     "latent_shape": list(model.latent_shape),
     "latent_patch": gcfg.latent_patch,
+    "prediction": model.prediction,
+    "x_pred_t_min": model.x_pred_t_min,
   }
 
 

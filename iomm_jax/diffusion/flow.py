@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 
 T_SAMPLERS = ("uniform", "logit_normal")
+PREDICTIONS = ("velocity", "x")
+"""What the generator's output is: the velocity itself (FLUX, the paper) or the clean sample
+x, turned into a velocity by ``velocity_from_output`` (JiT's "x-prediction, v-loss")."""
 
 
 def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
@@ -64,3 +67,25 @@ def flow_matching_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Per-example mean squared error over all non-batch axes, [B] float32."""
   err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
   return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
+
+
+def velocity_from_output(
+  out: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str = "velocity", t_min: float = 0.05
+) -> jax.Array:
+  """The velocity a generator output stands for, float32.
+
+  ``"velocity"``: ``out`` itself. ``"x"``: ``out`` is the predicted clean sample x, and since
+  ``x_t = (1 - t) x + t z`` the velocity ``z - x`` is ``(x_t - x) / t``, with t clipped below at
+  ``t_min`` (the division is ill-posed at t = 0). The loss stays the velocity loss, so with x
+  prediction it weighs the x error by 1 / max(t, t_min)^2 (Li & He 2025, "Back to Basics: Let
+  Denoising Generative Models Denoise": a network that outputs clean images, a low-dimensional
+  manifold, instead of noise-laden velocities needs less capacity; measured on the shapes demo in
+  docs/RESULTS.md).
+  """
+  out = out.astype(jnp.float32)
+  if prediction == "velocity":
+    return out
+  if prediction != "x":
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+  tb = jnp.maximum(_bcast(t, out), t_min)
+  return (x_t.astype(jnp.float32) - out) / tb

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from iomm_jax.diffusion import flow
 from iomm_jax.models import adapter as adapter_lib
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import mllm as mllm_lib
@@ -73,6 +74,8 @@ class IOMM:
   codec: Any
   image_size: int
   num_queries: int
+  prediction: str = "velocity"  # the generator outputs the velocity or the clean x (flow.py)
+  x_pred_t_min: float = 0.05  # with prediction "x": the smallest t the velocity divides by
 
   @property
   def mllm_config(self) -> mllm_lib.MLLMConfig:
@@ -155,6 +158,11 @@ def build(
       "condition is the mean of the context tokens"
     )
   mdt = _dtype(m.mllm_dtype)
+  prediction = m.get("prediction", "velocity")  # .get: workdir configs from before the key
+  if prediction not in flow.PREDICTIONS:
+    raise ValueError(
+      f"config.model.prediction={prediction!r} unknown; choose from {flow.PREDICTIONS}"
+    )
   return IOMM(
     mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt, remat=remat),
     adapter=adapter,
@@ -163,6 +171,8 @@ def build(
     codec=codec,
     image_size=m.image_size,
     num_queries=m.num_queries,
+    prediction=prediction,
+    x_pred_t_min=float(m.get("x_pred_t_min", 0.05)),
   )
 
 
@@ -321,7 +331,9 @@ def velocity(
   ctx: jax.Array,
   pooled: jax.Array,
 ) -> jax.Array:
-  """Predicted velocity for latents x_t [B, h, w, c] at times t [B]; returns [B, h, w, c] f32."""
+  """Predicted velocity for latents x_t [B, h, w, c] at times t [B]; returns [B, h, w, c] f32
+  (with ``model.prediction`` "x" the generator's output is the clean sample, converted by
+  ``flow.velocity_from_output``)."""
   b, h, w, _ = x_t.shape
   p = model.generator.config.latent_patch
   out = model.generator.apply(
@@ -333,4 +345,5 @@ def velocity(
     pooled,
     t,
   )
-  return mmdit_lib.unpack_latents(out.astype(jnp.float32), h, w, p)
+  out = mmdit_lib.unpack_latents(out.astype(jnp.float32), h, w, p)
+  return flow.velocity_from_output(out, x_t, t, model.prediction, model.x_pred_t_min)

@@ -396,6 +396,33 @@ def test_pipeline_reproduces_jax_generate(pipeline_case):
   assert diff.mean() / 255 <= TOL_PIXELS and diff.max() <= 1
 
 
+def test_x_prediction_export_reproduces_jax_generate(pipeline_case, tmp_path):
+  """With ``model.prediction`` "x" the exported pipeline turns the transformer's clean-sample
+  output into the velocity as ``iomm.velocity`` does (``iomm.json`` carries the setting)."""
+  model_v, trainable, frozen, _, _ = pipeline_case
+  model = dataclasses.replace(model_v, prediction="x", x_pred_t_min=0.1)
+  out = str(tmp_path / "x")
+  flux.export_generator(model, trainable, out, frozen=frozen)
+  meta = flux.read_meta(out)
+  assert (meta["prediction"], meta["x_pred_t_min"]) == ("x", 0.1)
+  pipe = torch_port.IOMMPipeline.from_pretrained(out)
+  ids = np.array([[2, 7, 9, 11, 0, 0]], np.int32)
+  null_ids, null_valid = np.array([1, 0, 0], np.int32), np.array([True, False, False])
+  settings = dict(num_steps=3, solver="euler", cfg_scale=2.0, shift=1.0)
+  key = jax.random.key(3)
+  h, w, c = model.latent_shape
+  noise = np.asarray(jax.random.normal(key, (1, h, w, c), jnp.float32))
+  args = (trainable, frozen, ids, ids != 0, null_ids, null_valid, None, None, key)
+  ours = np.asarray(generate._generate(model, *args, **settings))
+  as_velocity = np.asarray(generate._generate(model_v, *args, **settings))
+  theirs = pipe.generate(
+    _t(ids).long(), _t(ids != 0), _t(null_ids).long(), _t(null_valid), _t(noise), **settings
+  )
+  diff = np.abs(theirs.astype(np.int32) - ours.astype(np.int32))
+  assert diff.mean() / 255 <= TOL_PIXELS and diff.max() <= 1
+  assert np.abs(ours.astype(np.int32) - as_velocity.astype(np.int32)).mean() > 2  # it matters
+
+
 def test_image_condition_matches_jax(pipeline_case):
   """Image tokens (torch vision tower, masked) scattered at <IMG_CONTEXT>, then the RQA path."""
   model, trainable, frozen, pipe, _ = pipeline_case

@@ -53,3 +53,20 @@ def test_timestep_samplers():
   assert float(jnp.median(shifted)) > 0.7
   with pytest.raises(ValueError, match="unknown timestep sampler"):
     flow.sample_timesteps(jax.random.key(0), 4, "beta")
+
+
+def test_x_prediction_gives_the_velocity_by_hand():
+  x = jnp.array([[1.0, 2.0], [0.0, -4.0]])
+  z = jnp.array([[3.0, 0.0], [2.0, 4.0]])
+  t = jnp.array([0.25, 0.5])
+  x_t = flow.interpolate(x, z, t)
+  # a perfect clean-sample prediction stands for the true velocity z - x
+  v = flow.velocity_from_output(x, x_t, t, "x")
+  np.testing.assert_allclose(v, z - x, rtol=1e-6)
+  np.testing.assert_array_equal(flow.velocity_from_output(z - x, x_t, t), z - x)  # "velocity"
+  # below t_min the division uses t_min: (x_t - out) / 0.05 at t = 0
+  t0 = jnp.array([0.0, 0.01])
+  v0 = flow.velocity_from_output(jnp.zeros_like(x), x, t0, "x", t_min=0.05)
+  np.testing.assert_allclose(v0, x / 0.05, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown prediction 'eps'"):
+    flow.velocity_from_output(x, x_t, t, "eps")
