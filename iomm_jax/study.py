@@ -45,15 +45,16 @@ class Scale:
   mllm_steps: int
   pretrain_steps: int
   finetune_steps: int
-  num_per_prompt: int
+  eval_per_category: int  # images per GenEval category (``shapes_geneval.evaluate``)
   edits_per_kind: int  # zero-shot editing tasks per kind (question 7)
   quick: bool = False  # the experiment files' ``:quick`` variants (CI miniature)
 
 
 SCALES = {
-  "quick": Scale("quick", 6, 6, 6, 1, 2, quick=True),
-  "small": Scale("small", 300, 600, 600, 2, 32),
-  "demo": Scale("demo", 300, 1800, 1800, 4, 64),
+  "quick": Scale("quick", 6, 6, 6, 2, 2, quick=True),
+  "small": Scale("small", 300, 600, 600, 32, 32),
+  "study": Scale("study", 300, 1800, 1800, 64, 64),
+  "demo": Scale("demo", 300, 1800, 3300, 64, 64),
 }
 
 
@@ -200,16 +201,23 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
   ``categories`` dict, for the shapes GenEval or zero-shot editing (of a stage-2 run) or the
   reconstruction control (of a stage-1 run: preservation of the source's objects when it is
   its own condition, unmasked or masked)."""
-  n = scale.num_per_prompt if metric == "geneval" else scale.edits_per_kind
-  # v2 of the editing report adds the reconstruction control (older caches are recomputed)
-  name = f"study_{metric}_v2_{n}.json" if metric == "editing" else f"study_{metric}_{n}.json"
+  n = scale.eval_per_category if metric == "geneval" else scale.edits_per_kind
+  # v2 of the editing report adds the reconstruction control, "pc" the per-category GenEval
+  # protocol of shapes_geneval.evaluate (older caches are recomputed)
+  name = {
+    "geneval": f"study_geneval_pc{n}.json",
+    "editing": f"study_editing_v2_{n}.json",
+    "reconstruction": f"study_reconstruction_{n}.json",
+  }[metric]
   path = os.path.join(wd, "eval", name)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
   config, ctx, params = inference.load_generator(wd)
-  if metric == "geneval":
-    report = shapes_geneval.evaluate(config, ctx, params, num_per_prompt=n, seed=0).report
+  if metric == "geneval":  # the score iomm-eval gives (per_category n, seed 0), with verdicts
+    ev = shapes_geneval.evaluate(config, ctx, params, per_category=n, seed=0)
+    report = {**ev.report, "correct": [bool(c) for c in ev.correct],
+              "tags": [m["tag"] for m in ev.metas]}  # fmt: skip
   elif metric == "reconstruction":
     r = shapes_editing.reconstruct(config, ctx, params, n, seed=0)
     cats = {f"{k} {m}": v[m] for k, v in r.items() for m in ("preservation", "exact")}
@@ -255,16 +263,86 @@ def run_arm(
 
 
 def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
-  """Mean and standard deviation (over seeds) of the overall and per-category scores."""
+  """Mean and standard deviation (over seeds) of the overall and per-category scores; with the
+  per-image verdicts of the GenEval reports also their ``correct`` lists (one per seed)."""
   overall = np.array([r["overall"] for r in reports])
   cats = list(reports[0]["categories"])
-  return {
+  out = {
     "overall_mean": float(overall.mean()),
     "overall_std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0,
     "overall": overall.tolist(),
     "categories": {c: float(np.mean([r["categories"][c] for r in reports])) for c in cats},
     "seeds": len(reports),
   }
+  if all("correct" in r for r in reports):
+    out["correct"] = [r["correct"] for r in reports]
+    out["tags"] = reports[0]["tags"]
+    if all("empty" in r for r in reports):
+      out["empty"] = float(np.mean([r["empty"] for r in reports]))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+  """One of the paper's comparisons: arm ``a`` minus arm ``b`` (overall GenEval)."""
+
+  name: str
+  a: str
+  b: str
+
+
+def contrast(results: dict[str, dict[str, Any]], c: Contrast) -> dict[str, Any]:
+  """``c.a`` minus ``c.b`` as a paired difference: each seed's two models are scored on the same
+  prompts and noise, so per seed the difference and its paired standard error over images
+  (``shapes_geneval``'s category-mean rule) are exact; over seeds the mean difference carries the
+  larger of two errors, the spread of the per-seed differences (training randomness and image
+  noise together, from few seeds) and the pooled image-level error (image noise alone)."""
+  ra, rb = results[c.a], results[c.b]
+  if "correct" not in ra or "correct" not in rb:
+    raise ValueError(f"contrast {c.name!r}: both arms need per-image verdicts (GenEval reports)")
+  per_seed, image_se = [], []
+  for ca, cb in zip(ra["correct"], rb["correct"], strict=True):
+    metas = [{"tag": t} for t in ra["tags"]]
+    d = shapes_geneval.compare(
+      shapes_geneval.Evaluation({}, None, metas, cb), shapes_geneval.Evaluation({}, None, metas, ca)
+    )
+    per_seed.append(d["difference"])
+    image_se.append(d["se"])
+  n = len(per_seed)
+  mean = float(np.mean(per_seed))
+  seed_se = float(np.std(per_seed, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+  pooled_se = float(np.sqrt(np.sum(np.square(image_se))) / n)
+  se = pooled_se if not np.isfinite(seed_se) else max(seed_se, pooled_se)
+  return {
+    "name": c.name,
+    "a": c.a,
+    "b": c.b,
+    "difference": mean,
+    "se": se,
+    "z": mean / se if se > 0 else float("nan"),
+    "seed_se": seed_se,
+    "image_se": pooled_se,
+    "per_seed": per_seed,
+    "per_seed_image_se": image_se,
+  }
+
+
+def contrast_table(results: dict[str, dict[str, Any]], contrasts: list[Contrast]) -> str:
+  """Markdown: each contrast's paired difference, its error, z and the per-seed differences."""
+  lines = [
+    "| contrast | difference ± SE | z | per seed (± paired image SE) |",
+    "|---|---|---|---|",
+  ]
+  for c in contrasts:
+    r = contrast(results, c)
+    seeds = ", ".join(
+      f"{d:+.3f} ± {e:.3f}" for d, e in zip(r["per_seed"], r["per_seed_image_se"], strict=True)
+    )
+    lines.append(
+      f"| {c.name}: {c.a} − {c.b} | {r['difference']:+.3f} ± {r['se']:.3f} | "
+      f"{r['z']:.1f} | {seeds} |"
+    )
+  return "\n".join(lines)
 
 
 def run_question(
@@ -362,8 +440,10 @@ def main(
   argv=None,
   metric: str = "geneval",
   runs: str | None = None,
+  contrasts: tuple[Contrast, ...] = (),
 ) -> dict:
-  """Command line of a study script: trains, evaluates, prints and optionally documents."""
+  """Command line of a study script: trains, evaluates, prints (with the question's paired
+  ``contrasts`` when every arm ran) and optionally documents."""
   p = argparse.ArgumentParser(description=title)
   p.add_argument("--scale", default="small", choices=sorted(SCALES))
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -390,6 +470,10 @@ def main(
     results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
   wall = time.time() - t0
   table = markdown(results, HEADLINES[metric])
+  usable = [c for c in contrasts if c.a in results and c.b in results]
+  if usable:
+    table += "\n\nPaired differences (same prompts and noise within a seed):\n\n"
+    table += contrast_table(results, usable)
   print(table)
   out = os.path.join(a.root, question)
   os.makedirs(out, exist_ok=True)
@@ -404,7 +488,8 @@ def main(
       + ("" if metric == "reconstruction" else f", stage 2 {scale.finetune_steps} steps")
       + " per arm; "
       + {
-        "geneval": f"shapes GenEval with {scale.num_per_prompt} images per held-out prompt",
+        "geneval": f"shapes GenEval ({scale.eval_per_category} images per category, "
+        "the protocol of `iomm-eval`)",
         "editing": f"{scale.edits_per_kind} zero-shot edits per kind",
         "reconstruction": f"the stage-1 models only, each given {scale.edits_per_kind} random "
         "scenes as its own condition (unmasked, and masked at 0.85): share of the scene's "

@@ -35,6 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.vae = "flux"  # VAE_VARIANTS name when codec == "vae"
   m.vae_checkpoint = ""  # directory of converted VAE weights ("" = random init, tests only)
   m.image_size = 32  # generated image side in pixels
+  m.prediction = "velocity"  # generator output: "velocity" (FLUX, paper) or "x" (clean sample)
+  m.x_pred_t_min = 0.05  # prediction "x": velocity = (x_t - x) / max(t, x_pred_t_min)
   m.max_text_len = 24  # token limit of a text prompt (longer prompts are an error)
   m.aux_prompt = AUX_PROMPT  # fixed auxiliary prompt of image-only conditions (paper §2.2)
   m.attention = "xla"  # generator attention kernel: "xla" (any backend) or "cudnn" (GPU, bf16)
@@ -54,6 +56,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.caption_key = "caption"  # "tfds": the caption feature (missing = image-only)
   d.canvas = 32  # shapes world: canvas side in pixels
   d.grid = 2  # shapes world: objects sit in a grid x grid layout of cells
+  # shapes world: its shapes (data.shapes.KNOWN_SHAPES) and the hold-out version that splits
+  # each category's prompts into training and evaluation ones (v2: >= 8 evaluation prompts each)
+  d.shapes = ("circle", "square", "triangle", "diamond", "ring", "frame", "rectangle", "oval")
+  d.holdout = "v2"
   d.num_pairs = 2000  # stage 2: size of the fixed curated text-image pair set
   d.dense_captions = 0.0  # stage 2: share of pairs captioned densely (every object described)
   d.image_only_source = "pairs"  # stage 2 image-only half: "pairs" (captions dropped) or "stream"

@@ -240,6 +240,24 @@ MLLM_VARIANTS: dict[str, MLLMConfig] = {
     ),
     image_token_id=511,
   ),
+  # The shapes world's MLLM (experiments/shapes): the tiny one at the 24 px canvas itself with
+  # patch 2, so an image is 12 x 12 patches -> 6 x 6 = 36 image tokens after the pixel shuffle
+  # (a 12 px cell is 9 tokens; r = 0.85 keeps ~5.4 of 36, the paper's keeps ~38 of 256).
+  "shapes": MLLMConfig(
+    vision=VisionConfig(
+      image_size=24, patch_size=2, width=64, num_layers=2, num_heads=4, mlp_dim=256
+    ),
+    text=TextConfig(
+      vocab_size=512,
+      width=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=384,
+      rope_theta=10000.0,
+    ),
+    image_token_id=511,
+  ),
   "internvl3_2b": MLLMConfig(
     vision=VisionConfig(
       image_size=448, patch_size=14, width=1024, num_layers=24, num_heads=16, mlp_dim=4096

@@ -164,6 +164,19 @@ MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
     pooled_projection_dim=128,
     axes_dims_rope=(8, 12, 12),
   ),
+  # the shapes demo's generator: "tiny" at width 192 = 6x32. At the same steps it scored 0.27
+  # against 0.20 for "tiny", for 1.2x the step time; width 256 (0.26, 1.9x) and depth 3+3 at
+  # width 128 (0.26, 1.3x) gained nothing more (docs/RESULTS.md, "What each change did")
+  "shapes": MMDiTConfig(
+    in_channels=48,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=6,
+    joint_attention_dim=192,
+    pooled_projection_dim=192,
+    axes_dims_rope=(8, 12, 12),
+  ),
   # IOMM-B (paper: 1.6 B): the size of /work/shared/bench/flux_torch_baseline.py B_CONFIG,
   # 12 double + 16 single blocks, width 1536 = 12x128, condition width 1536 (InternVL3-2B's
   # LLM width), 16-channel latents packed 2x2 -> 64. 1,601,038,400 parameters.

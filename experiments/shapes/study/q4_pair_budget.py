@@ -6,8 +6,9 @@ pre-training (the same stage-2 steps either way; "none" starts stage 2 from a ra
 Paper's central claim: the image-only stage cuts the number of pairs needed.
 """
 
-from iomm_jax.study import Arm, main
+from iomm_jax.study import Arm, Contrast, main
 
+BUDGETS = (100, 300, 1000, 3000)
 ARMS = [
   Arm(
     f"{n} pairs, {'image pre-train' if pre else 'no pre-train'}",
@@ -15,8 +16,18 @@ ARMS = [
     finetune_overrides=(("data.num_pairs", n),),
   )
   for pre in ("image", None)
-  for n in (100, 300, 1000, 3000)
+  for n in BUDGETS
 ]
+# the paper's central claim, per budget: image-only pre-training minus none
+CONTRASTS = tuple(
+  Contrast(f"{n} pairs", f"{n} pairs, image pre-train", f"{n} pairs, no pre-train") for n in BUDGETS
+)
 
 if __name__ == "__main__":
-  main("q4", "Q4: stage-2 pair budget", ARMS, "experiments/shapes/study/q4_pair_budget.py")
+  main(
+    "q4",
+    "Q4: stage-2 pair budget",
+    ARMS,
+    "experiments/shapes/study/q4_pair_budget.py",
+    contrasts=CONTRASTS,
+  )
