@@ -49,6 +49,8 @@ from iomm_jax import runtime
 MODEL_KEYS = (
   "mllm",
   "generator",
+  "generator_overrides",
+  "pooled",
   "condition",
   "num_queries",
   "adapter_heads",
@@ -63,7 +65,7 @@ MODEL_KEYS = (
   "image_size",
   "prediction",
 )
-MODEL_KEY_DEFAULTS = {"prediction": "velocity"}
+MODEL_KEY_DEFAULTS = {"prediction": "velocity", "generator_overrides": "", "pooled": "mean"}
 """Values of model keys added after checkpoints were made (what those checkpoints were)."""
 
 

@@ -606,6 +606,9 @@ class IOMMPipeline:
       ctx_u, pooled_u = condition(
         self.mllm, self.adapter, self.connector, null_ids[None], null_valid[None]
       )
+    if self.meta.get("pooled", "mean") == "none":  # iomm.condition's ablation
+      pooled = torch.zeros_like(pooled)
+      pooled_u = None if pooled_u is None else torch.zeros_like(pooled_u)
     latents = sample_latents(
       self.transformer,
       ctx,

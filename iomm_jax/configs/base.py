@@ -22,6 +22,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.mllm = "tiny"  # MLLM_VARIANTS name (frozen understanding model)
   m.generator = "tiny"  # MMDIT_VARIANTS name (the MM-DiT generator)
+  # fields of that variant replaced, e.g. "num_layers=3,num_single_layers=3" (MMDiTConfig)
+  m.generator_overrides = ""
+  m.pooled = "mean"  # generator's pooled vector: "mean" of the context tokens or "none" (zeros)
   m.condition = "rqa"  # "rqa" (Residual Query Adapter), "queries" (MetaQuery style) or "raw"
   m.num_queries = 256  # learned query tokens appended to the MLLM input
   m.adapter_heads = 12  # RQA cross-attention heads

@@ -358,6 +358,7 @@ def generator_meta(model: Any) -> dict[str, Any]:
     "latent_patch": gcfg.latent_patch,
     "prediction": model.prediction,
     "x_pred_t_min": model.x_pred_t_min,
+    "pooled": model.pooled,
   }
 
 

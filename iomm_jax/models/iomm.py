@@ -41,6 +41,7 @@ VIT_STD = np.array([0.229, 0.224, 0.225], np.float32)
 #   "queries": input-independent learned queries (MetaQuery style);
 #   "raw": no queries: the MLLM's last hidden states of the input tokens themselves.
 CONDITIONS = ("rqa", "queries", "raw")
+POOLED = ("mean", "none")  # config.model.pooled: the generator's pooled vector
 
 
 class LearnedQueries(nn.Module):
@@ -76,6 +77,7 @@ class IOMM:
   num_queries: int
   prediction: str = "velocity"  # the generator outputs the velocity or the clean x (flow.py)
   x_pred_t_min: float = 0.05  # with prediction "x": the smallest t the velocity divides by
+  pooled: str = "mean"  # the generator's pooled vector: mean of the context, or "none" (zeros)
 
   @property
   def mllm_config(self) -> mllm_lib.MLLMConfig:
@@ -117,15 +119,20 @@ def build(
   codec = codec_lib.make_codec(
     m.codec, **({"factor": m.codec_factor} if m.codec == "pixel" else {"variant": m.vae})
   )
-  gcfg = mmdit_lib.get_mmdit_config(m.generator)
-  # .get: configs saved by earlier versions (a workdir's config.json) lack these speed keys.
+  # .get: configs saved by earlier versions (a workdir's config.json) lack the newer keys.
+  sized = mmdit_lib.parse_overrides(m.get("generator_overrides", ""))
+  gcfg = mmdit_lib.get_mmdit_config(m.generator, **sized)
   remat = m.get("remat", "none")
   gcfg = mmdit_lib.get_mmdit_config(
     m.generator,
+    **sized,
     in_channels=codec.latent_channels * gcfg.latent_patch**2,
     attention=m.get("attention", "xla"),
     remat=remat,
   )
+  pooled = m.get("pooled", "mean")
+  if pooled not in POOLED:
+    raise ValueError(f"config.model.pooled={pooled!r} unknown; choose from {POOLED}")
   if gcfg.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise ValueError(
       f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
@@ -173,6 +180,7 @@ def build(
     num_queries=m.num_queries,
     prediction=prediction,
     x_pred_t_min=float(m.get("x_pred_t_min", 0.05)),
+    pooled=pooled,
   )
 
 
@@ -314,13 +322,15 @@ def condition(
       hidden.dtype
     )
     pooled = jnp.sum(ctx.astype(jnp.float32), axis=1) / jnp.maximum(keep.sum(axis=1), 1)
-    return ctx, pooled.astype(ctx.dtype)
+    return ctx, pooled.astype(ctx.dtype) * (model.pooled != "none")
   queries = model.adapter.apply({"params": trainable["adapter"]}, embeds, cond_valid)
   seq = jnp.concatenate([embeds, queries.astype(embeds.dtype)], axis=1)
   mask, pos = query_attention(cond_valid, queries.shape[1])
   hidden = apply_m(mllm_lib.InternVLModel.decode, seq, pos, mask)
   ctx = model.connector.apply({"params": trainable["connector"]}, hidden[:, -queries.shape[1] :])
-  return ctx, jnp.mean(ctx.astype(jnp.float32), axis=1).astype(ctx.dtype)
+  pooled = jnp.mean(ctx.astype(jnp.float32), axis=1).astype(ctx.dtype)
+  # "none" (ablation): the generator's global vector carries no condition
+  return ctx, pooled * (model.pooled != "none")
 
 
 def velocity(

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -219,6 +220,33 @@ MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
     axes_dims_rope=(16, 56, 56),
   ),
 }
+
+
+def parse_overrides(text: str, where: str = "config.model.generator_overrides") -> dict[str, Any]:
+  """``"num_layers=3,num_attention_heads=8"`` -> ``{"num_layers": 3, ...}``: integer, float,
+  bool or string values of ``MMDiTConfig`` fields (a ValueError names ``where`` and the item)."""
+  fields = {f.name: f for f in dataclasses.fields(MMDiTConfig)}
+  out: dict[str, Any] = {}
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or key not in fields:
+      raise ValueError(
+        f"{where}: {item!r} is not FIELD=VALUE with an MMDiTConfig field "
+        f"({', '.join(sorted(fields))})"
+      )
+    if value.lower() in ("true", "false"):
+      out[key] = value.lower() == "true"
+      continue
+    for cast in (int, float):
+      try:
+        out[key] = cast(value)
+        break
+      except ValueError:
+        pass
+    else:
+      out[key] = value
+  return out
 
 
 def get_mmdit_config(name: str, **overrides) -> MMDiTConfig:

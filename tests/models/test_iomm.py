@@ -1,5 +1,7 @@
 """The assembled IOMM: attention layout of the MLLM input, conditioning, real-size counts."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -108,3 +110,33 @@ def test_raw_condition_reads_the_input_positions():
   np.testing.assert_allclose(pooled[0], ctx[0, :4].mean(axis=0), atol=1e-5)
   # causal: the shared prefix gives the same hidden states whatever follows it
   np.testing.assert_allclose(ctx[0, :4], ctx[1, :4], atol=1e-5)
+
+
+def test_generator_overrides_resize_the_variant_and_name_bad_items():
+  c = get_base_config()
+  c.model.adapter_heads = 4
+  c.model.generator_overrides = "num_layers=3, num_single_layers=1,num_attention_heads=6"
+  g = iomm.build(c, vocab_size=64, image_token_id=6).generator.config
+  assert (g.num_layers, g.num_single_layers, g.num_attention_heads) == (3, 1, 6)
+  assert g.in_channels == 48 and g.axes_dims_rope == (8, 12, 12)  # the rest: "tiny"'s
+  for bad in ("depth=3", "num_layers"):
+    c.model.generator_overrides = bad
+    with pytest.raises(ValueError, match=rf"generator_overrides: '{bad}' is not FIELD=VALUE"):
+      iomm.build(c, vocab_size=64, image_token_id=6)
+
+
+@pytest.mark.parametrize("condition", ["rqa", "raw"])
+def test_pooled_none_zeroes_only_the_pooled_vector(condition):
+  model = _tiny_model(condition)
+  mllm = nn.meta.unbox(iomm.init_mllm(model, 0))
+  trainable = nn.meta.unbox(iomm.init_trainable(model, 0, 8))
+  ids = jnp.array([[2, 7, 9, 0]], jnp.int32)
+  ctx, pooled = iomm.condition(model, trainable, mllm, ids, ids != 0, None)
+  off = dataclasses.replace(model, pooled="none")
+  ctx0, pooled0 = iomm.condition(off, trainable, mllm, ids, ids != 0, None)
+  np.testing.assert_array_equal(ctx0, ctx)
+  assert float(jnp.abs(pooled).max()) > 0 and not np.asarray(pooled0).any()
+  c = get_base_config()
+  c.model.pooled = "max"
+  with pytest.raises(ValueError, match="config.model.pooled='max' unknown"):
+    iomm.build(c, vocab_size=64, image_token_id=6)
