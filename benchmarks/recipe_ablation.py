@@ -30,30 +30,6 @@ from iomm_jax.train import finetune, pretrain
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _value(text: str):
-  """A command-line override value: int, float, bool, tuple literal or string."""
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  if text.startswith("("):
-    return tuple(x.strip().strip("'\"") for x in text.strip("()").split(",") if x.strip())
-  return text
-
-
-def _overrides(items: list[str]) -> dict:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise SystemExit(f"override {item!r} is not KEY=VALUE")
-    k, v = item.split("=", 1)
-    out[k] = _value(v)
-  return out
-
-
 def _done(workdir: str, config) -> bool:
   return config.train.num_steps in checkpointing.saved_steps(workdir)
 
@@ -71,21 +47,20 @@ def main():
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
   logging.set_verbosity(logging.WARNING)
   runtime.enable_compilation_cache()
-  both = {"model.mllm_from": a.mllm, "sample.num_grid": 0, **_overrides(a.set)}
+  both = {"model.mllm_from": a.mllm, "sample.num_grid": 0, **loading.parse_overrides(a.set)}
   root = os.path.join(a.root, a.name)
   times = {}
   s1_dir = a.init or os.path.join(root, "pretrain")
   if a.init is None:
-    c1 = loading.load_config(
-      os.path.join(ROOT, "experiments/shapes/pretrain.py"), {**both, **_overrides(a.s1)}
-    )
+    s1 = loading.parse_overrides(a.s1)
+    c1 = loading.load_config(os.path.join(ROOT, "experiments/shapes/pretrain.py"), {**both, **s1})
     t = time.time()
     if not _done(s1_dir, c1):
       pretrain.train_and_evaluate(c1, s1_dir)
     times["stage1_s"] = time.time() - t
   c2 = loading.load_config(
     os.path.join(ROOT, "experiments/shapes/finetune.py"),
-    {**both, "train.init_from": s1_dir, **_overrides(a.s2)},
+    {**both, "train.init_from": s1_dir, **loading.parse_overrides(a.s2)},
   )
   s2_dir = os.path.join(root, "finetune")
   t = time.time()

@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags, logging
 
 from iomm_jax import runtime
-from iomm_jax.configs.loading import load_config
+from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.data import pipeline
 from iomm_jax.diffusion import flow, masking
 from iomm_jax.models import codec as codec_lib
@@ -45,15 +45,6 @@ from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _parse_value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def _median_time(fn, n: int, warmup: int = 3) -> float:
@@ -184,7 +175,7 @@ def main():
   flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
   runtime.enable_compilation_cache()
-  overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
+  overrides = parse_overrides(a.set)
   print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}, {jax.devices()[0]}")
   results = {}
   for stage in a.stage:

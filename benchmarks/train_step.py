@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags, logging
 
 from iomm_jax import runtime
-from iomm_jax.configs.loading import load_config
+from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop, steps
 
@@ -44,15 +44,6 @@ EXPERIMENTS = {
   "B": ("experiments/iomm_b/pretrain.py", "experiments/iomm_b/finetune.py"),
   "L": ("experiments/iomm_l/pretrain.py", "experiments/iomm_l/finetune.py"),
 }
-
-
-def _parse_value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def matmul_peak(n: int, reps: int = 5) -> float:
@@ -151,7 +142,7 @@ def main():
   logging.set_verbosity(logging.WARNING)
   runtime.enable_compilation_cache()
   dev = jax.devices()[0]
-  overrides = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
+  overrides = parse_overrides(a.set)
   peak = matmul_peak(a.matmul or (8192 if dev.platform == "gpu" else 1024))
   print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}, {dev.device_kind}; "
         f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s")  # fmt: skip

@@ -39,6 +39,33 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def parse_value(text: str) -> Any:
+  """A command-line override value: int, float, bool, ``(a, b)`` tuple of strings, else the
+  string itself (scripts' ``--set KEY=VALUE``)."""
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  if text.startswith("(") and text.endswith(")"):
+    return tuple(x.strip().strip("'\"") for x in text[1:-1].split(",") if x.strip())
+  return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """``["optim.lr=3e-4", "model.generator=shapes"]`` -> dotted overrides for ``load_config``;
+  an item without ``=`` is a ValueError naming it."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r} is not KEY=VALUE")
+    out[key] = parse_value(value)
+  return out
+
+
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """Loads ``path[:arg]``, applies dotted ``overrides`` and returns the locked config."""
   path, _, arg = spec.partition(":")

@@ -146,6 +146,4 @@ def match(
     problems.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:10]))
   if problems:
     raise ConversionError(f"{what}: " + " | ".join(problems))
-  return unflatten(
-    {k: np.asarray(loaded[k], dtype=dtype or want[k].dtype) for k in want}
-  )
+  return unflatten({k: np.asarray(loaded[k], dtype=dtype or want[k].dtype) for k in want})

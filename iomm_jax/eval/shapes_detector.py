@@ -219,14 +219,19 @@ def _measure(
     return _classify_extended(c, cols, rows, fill, cy, world), fill, cx, cy
   if max(bh / bw, bw / bh) > MAX_ASPECT or fill < MIN_FILL:
     return None, fill, cx, cy
-  if fill >= SQUARE_FILL:
-    shape = "square"
-  elif fill >= CIRCLE_FILL:
-    shape = "circle"
-  else:
-    top = _soft_start(rows)
-    shape = "triangle" if (cy - top) / bh > TRIANGLE_CENTROID else "diamond"
+  shape = _classify_solid(rows, fill, cy, bh)
   return (shape if shape in world.shapes else None), fill, cx, cy
+
+
+def _classify_solid(rows: np.ndarray, fill: float, cy: float, bh: float) -> str:
+  """The four solid shapes of world v1 by fill (square > circle > triangle / diamond), and a
+  triangle from a diamond by its centroid's depth below the soft top (row maxima ``rows``)."""
+  if fill >= SQUARE_FILL:
+    return "square"
+  if fill >= CIRCLE_FILL:
+    return "circle"
+  top = _soft_start(rows)
+  return "triangle" if (cy - top) / bh > TRIANGLE_CENTROID else "diamond"
 
 
 def _soft_start(profile: np.ndarray) -> float:
@@ -269,13 +274,8 @@ def _classify_extended(
     if _hole_share(c, bw, bh) >= HOLE_FRACTION:
       if HOLLOW_FILL[0] <= fill <= HOLLOW_FILL[1]:
         shape = "frame" if fill >= FRAME_FILL else "ring"
-    elif fill >= SQUARE_FILL:
-      shape = "square"
-    elif fill >= CIRCLE_FILL:
-      shape = "circle"
     else:
-      top = _soft_start(rows)
-      shape = "triangle" if (cy - top) / bh > TRIANGLE_CENTROID else "diamond"
+      shape = _classify_solid(rows, fill, cy, bh)
   return shape if shape in world.shapes else None
 
 

@@ -216,6 +216,23 @@ class MLLMConfig:
     return (self.vision.grid // self.shuffle_factor) ** 2
 
 
+# CPU demo and tests.
+_TINY_MLLM = MLLMConfig(
+  vision=VisionConfig(
+    image_size=32, patch_size=4, width=64, num_layers=2, num_heads=4, mlp_dim=256
+  ),
+  text=TextConfig(
+    vocab_size=512,
+    width=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=384,
+    rope_theta=10000.0,
+  ),
+  image_token_id=511,
+)
+
 # Sources: transformers configuration_internvl.py defaults (InternViT-300M: hidden 1024, 24 layers,
 # 16 heads, intermediate 4096, patch 14, image 448, layer_norm eps 1e-6, no qk norm, layer scale,
 # use_mean_pooling -> no final norm; image_token_id 151667 (<IMG_CONTEXT>), downsample 0.5) and
@@ -225,38 +242,12 @@ class MLLMConfig:
 # tie_word_embeddings false (the checkpoint stores a separate lm_head: 4.18 GB of bf16 =
 # 2.09 B parameters, which matches the untied count in tests/models/test_mllm.py).
 MLLM_VARIANTS: dict[str, MLLMConfig] = {
-  "tiny": MLLMConfig(
-    vision=VisionConfig(
-      image_size=32, patch_size=4, width=64, num_layers=2, num_heads=4, mlp_dim=256
-    ),
-    text=TextConfig(
-      vocab_size=512,
-      width=128,
-      num_layers=2,
-      num_heads=4,
-      num_kv_heads=2,
-      mlp_dim=384,
-      rope_theta=10000.0,
-    ),
-    image_token_id=511,
-  ),
+  "tiny": _TINY_MLLM,
   # The shapes world's MLLM (experiments/shapes): the tiny one at the 24 px canvas itself with
   # patch 2, so an image is 12 x 12 patches -> 6 x 6 = 36 image tokens after the pixel shuffle
   # (a 12 px cell is 9 tokens; r = 0.85 keeps ~5.4 of 36, the paper's keeps ~38 of 256).
-  "shapes": MLLMConfig(
-    vision=VisionConfig(
-      image_size=24, patch_size=2, width=64, num_layers=2, num_heads=4, mlp_dim=256
-    ),
-    text=TextConfig(
-      vocab_size=512,
-      width=128,
-      num_layers=2,
-      num_heads=4,
-      num_kv_heads=2,
-      mlp_dim=384,
-      rope_theta=10000.0,
-    ),
-    image_token_id=511,
+  "shapes": dataclasses.replace(
+    _TINY_MLLM, vision=dataclasses.replace(_TINY_MLLM.vision, image_size=24, patch_size=2)
   ),
   "internvl3_2b": MLLMConfig(
     vision=VisionConfig(

@@ -153,30 +153,26 @@ class MMDiTConfig:
     return self.patch_size**2 * (self.out_channels or self.in_channels)
 
 
+# CPU demo and tests: 16x16x12 pixel "latents" packed 2x2 -> 48 features; width 128 = 4x32.
+_TINY_MMDIT = MMDiTConfig(
+  in_channels=48,
+  num_layers=2,
+  num_single_layers=2,
+  attention_head_dim=32,
+  num_attention_heads=4,
+  joint_attention_dim=128,
+  pooled_projection_dim=128,
+  axes_dims_rope=(8, 12, 12),
+)
+
 MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
-  # CPU demo and tests: 16x16x12 pixel "latents" packed 2x2 -> 48 features; width 128 = 4x32.
-  "tiny": MMDiTConfig(
-    in_channels=48,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    joint_attention_dim=128,
-    pooled_projection_dim=128,
-    axes_dims_rope=(8, 12, 12),
-  ),
-  # the shapes demo's generator: "tiny" at width 192 = 6x32. At the same steps it scored 0.27
-  # against 0.20 for "tiny", for 1.2x the step time; width 256 (0.26, 1.9x) and depth 3+3 at
-  # width 128 (0.26, 1.3x) gained nothing more (docs/RESULTS.md, "What each change did")
-  "shapes": MMDiTConfig(
-    in_channels=48,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=6,
-    joint_attention_dim=192,
-    pooled_projection_dim=192,
-    axes_dims_rope=(8, 12, 12),
+  "tiny": _TINY_MMDIT,
+  # the shapes demo's generator: "tiny" at width 192 = 6x32 (4.07 M parameters). At the same
+  # steps it scored 0.27 against 0.20 for "tiny", for 1.2x the step time; width 256 (0.26, 1.9x)
+  # and depth 3+3 at width 128 (0.26, 1.3x) gained nothing more (docs/RESULTS.md, "What each
+  # change did")
+  "shapes": dataclasses.replace(
+    _TINY_MMDIT, num_attention_heads=6, joint_attention_dim=192, pooled_projection_dim=192
   ),
   # IOMM-B (paper: 1.6 B): the size of /work/shared/bench/flux_torch_baseline.py B_CONFIG,
   # 12 double + 16 single blocks, width 1536 = 12x128, condition width 1536 (InternVL3-2B's

@@ -191,3 +191,18 @@ def test_paper_config_rejects_unknown_names():
     paper.paper_config("iomm_s", "pretrain")
   with pytest.raises(ValueError, match="stages 'pretrain' and 'finetune'"):
     paper.paper_config("iomm_b", "mllm")
+
+
+def test_command_line_overrides_parse_to_typed_values():
+  items = ["optim.lr=3e-4", "train.num_steps=10", "x=true", "data.shapes=(circle, 'ring')", "m=a=b"]
+  assert loading.parse_overrides(items) == {
+    "optim.lr": 3e-4, "train.num_steps": 10, "x": True, "data.shapes": ("circle", "ring"),
+    "m": "a=b",
+  }  # fmt: skip
+  c = loading.load_config(
+    os.path.join(ROOT, "experiments/shapes/finetune.py"),
+    loading.parse_overrides(["model.generator_overrides=num_layers=3", "optim.lr=0.002"]),
+  )
+  assert c.model.generator_overrides == "num_layers=3" and c.optim.lr == 0.002
+  with pytest.raises(ValueError, match="override 'lr' is not KEY=VALUE"):
+    loading.parse_overrides(["lr"])
