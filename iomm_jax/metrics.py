@@ -132,14 +132,18 @@ def labelled_grid(
   right), red where False, grey where None (or ``marks`` None). ``header`` labels the columns
   (e.g. "source" over a stage-1 row's condition image); ``legend`` is a line on top."""
   font = ImageFont.load_default(size=13)
+  canvas_probe = Image.new("RGB", (1, 1))
   h, w = rows[0][1][0].shape[:2]
   per_row = max(len(imgs) for _, imgs, _ in rows)
   cell_h, cell_w = h * scale + 6, w * scale + 6
   if label_width is None:
-    widths = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(r[0], font=font) for r in rows]
+    widths = [ImageDraw.Draw(canvas_probe).textlength(r[0], font=font) for r in rows]
     label_width = int(max(widths)) + 12
   top = (18 if legend else 0) + (18 if header else 0)
-  canvas = Image.new("RGB", (label_width + per_row * cell_w + 4, top + len(rows) * cell_h), "white")
+  width = label_width + per_row * cell_w + 4
+  if legend:  # the canvas widens to the legend's line rather than cut it
+    width = max(width, int(ImageDraw.Draw(canvas_probe).textlength(legend, font=font)) + 8)
+  canvas = Image.new("RGB", (width, top + len(rows) * cell_h), "white")
   draw = ImageDraw.Draw(canvas)
   if legend:
     draw.text((4, 2), legend, fill="black", font=font)

@@ -145,3 +145,12 @@ def test_grids_have_visible_borders():
   assert (grid[0] != 255).any() and (grid[:, 8 + 2] != 255).any()  # between and around
   canvas = metrics.labelled_grid([("a", list(white), None)], header=["source", "s1", "s2"])
   assert tuple(metrics.BORDER) in {tuple(p) for p in canvas.reshape(-1, 3)}
+
+
+def test_a_long_legend_widens_the_grid_instead_of_being_cut():
+  white = np.full((2, 8, 8, 3), 255, np.uint8)
+  legend = "step 1800: source image, then samples conditioned on it with 85% of its tokens masked"
+  short = metrics.labelled_grid([("a", list(white), None)], header=["source", "s1"])
+  long = metrics.labelled_grid([("a", list(white), None)], header=["source", "s1"], legend=legend)
+  assert long.shape[1] > short.shape[1] + 200
+  assert (long[:18, -60:] != 255).any()  # the legend's end is drawn, near the right edge
