@@ -217,7 +217,8 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
   if metric == "geneval":  # the score iomm-eval gives (per_category n, seed 0), with verdicts
     ev = shapes_geneval.evaluate(config, ctx, params, per_category=n, seed=0)
     report = {**ev.report, "correct": [bool(c) for c in ev.correct],
-              "tags": [m["tag"] for m in ev.metas]}  # fmt: skip
+              "tags": [m["tag"] for m in ev.metas],
+              "prompts": [m["prompt"] for m in ev.metas]}  # fmt: skip
   elif metric == "reconstruction":
     r = shapes_editing.reconstruct(config, ctx, params, n, seed=0)
     cats = {f"{k} {m}": v[m] for k, v in r.items() for m in ("preservation", "exact")}
@@ -277,6 +278,8 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
   if all("correct" in r for r in reports):
     out["correct"] = [r["correct"] for r in reports]
     out["tags"] = reports[0]["tags"]
+    if all("prompts" in r for r in reports):
+      out["prompts"] = reports[0]["prompts"]
     if all("empty" in r for r in reports):
       out["empty"] = float(np.mean([r["empty"] for r in reports]))
   return out
@@ -300,11 +303,19 @@ def contrast(results: dict[str, dict[str, Any]], c: Contrast) -> dict[str, Any]:
   ra, rb = results[c.a], results[c.b]
   if "correct" not in ra or "correct" not in rb:
     raise ValueError(f"contrast {c.name!r}: both arms need per-image verdicts (GenEval reports)")
+  if ra["tags"] != rb["tags"]:
+    raise ValueError(f"contrast {c.name!r}: the arms were scored on different categories")
+  # the prompts, where both reports carry them (caches from before the key: the tags alone)
+  pa, pb = ra.get("prompts"), rb.get("prompts")
+  if pa is None or pb is None:
+    pa = pb = ra["tags"]
+  metas_a = [{"tag": t, "prompt": p} for t, p in zip(ra["tags"], pa, strict=True)]
+  metas_b = [{"tag": t, "prompt": p} for t, p in zip(rb["tags"], pb, strict=True)]
   per_seed, image_se = [], []
   for ca, cb in zip(ra["correct"], rb["correct"], strict=True):
-    metas = [{"tag": t} for t in ra["tags"]]
     d = shapes_geneval.compare(
-      shapes_geneval.Evaluation({}, None, metas, cb), shapes_geneval.Evaluation({}, None, metas, ca)
+      shapes_geneval.Evaluation({}, None, metas_b, cb),
+      shapes_geneval.Evaluation({}, None, metas_a, ca),
     )
     per_seed.append(d["difference"])
     image_se.append(d["se"])

@@ -42,6 +42,32 @@ def test_summarise_markdown_plot_and_docs(tmp_path):
   assert "table one\n" not in text and text.count("<!-- study:q1_small begin -->") == 1
 
 
+def test_contrast_is_the_paired_difference_over_seeds():
+  tags = ["a"] * 4 + ["b"] * 4
+  arm = lambda *correct: {"correct": [list(c) for c in correct], "tags": tags}  # noqa: E731
+  results = {
+    "A": arm([1, 1, 0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]),
+    "B": arm([0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]),
+  }
+  r = study.contrast(results, study.Contrast("c", "A", "B"))
+  # seed 0: per category [1, 1, 0, 0] and [0, 1, 1, 0] -> 0.5 (paired SE sqrt(2/12)/2); seed 1: 1
+  assert r["per_seed"] == pytest.approx([0.5, 1.0])
+  assert r["per_seed_image_se"] == pytest.approx([np.sqrt(2 * (1 / 3) / 4) / 2, 0.0])
+  assert r["difference"] == pytest.approx(0.75)
+  seed_se = np.std([0.5, 1.0], ddof=1) / np.sqrt(2)
+  assert r["se"] == pytest.approx(max(seed_se, r["image_se"])) and r["z"] == pytest.approx(
+    0.75 / r["se"]
+  )
+  table = study.contrast_table(results, [study.Contrast("c", "A", "B")])
+  assert "| c: A − B | +0.750 ± 0.250 | 3.0 |" in table
+  with pytest.raises(ValueError, match="per-image verdicts"):
+    study.contrast({"A": {}, "B": {}}, study.Contrast("c", "A", "B"))
+  other = {**results["B"], "prompts": [f"p{i}" for i in range(8)]}
+  mine = {**results["A"], "prompts": [f"p{i}" for i in range(7, -1, -1)]}
+  with pytest.raises(ValueError, match="same prompts"):
+    study.contrast({"A": mine, "B": other}, study.Contrast("c", "A", "B"))
+
+
 def test_arm_validation():
   with pytest.raises(ValueError, match="pretrain='text'"):
     study.Arm("x", pretrain="text")
@@ -95,7 +121,12 @@ def test_question_1_miniature(tmp_path):
   spec.loader.exec_module(q1)
   root = str(tmp_path)
   results = study.main(
-    "q1", "Q1", q1.ARMS, path, ["--scale", "quick", "--seeds", "0", "--root", root]
+    "q1",
+    "Q1",
+    q1.ARMS,
+    path,
+    ["--scale", "quick", "--seeds", "0", "--root", root],
+    contrasts=q1.CONTRASTS,
   )
   assert list(results) == [
     "Image->Image", "Image->Pair", "Image->Mix", "Pair->Image", "Pair->Pair", "Pair->Mix"
@@ -115,6 +146,13 @@ def test_question_1_miniature(tmp_path):
   assert not [f for d, _, fs in os.walk(root) for f in fs if f.startswith("samples_")]
   with open(os.path.join(root, "q1", "results_quick.json")) as f:
     assert set(json.load(f)) == set(results)
+  # the paper's contrasts come from the per-image verdicts of the same prompts and noise
+  for c in q1.CONTRASTS:
+    d = study.contrast(results, c)
+    assert d["difference"] == pytest.approx(
+      results[c.a]["overall_mean"] - results[c.b]["overall_mean"]
+    )
+  assert len(results["Image->Mix"]["correct"][0]) == 6 * study.SCALES["quick"].eval_per_category
   # question 7 scores question 1's trained runs on zero-shot editing, training nothing new
   edits = study.run_question(
     "q7", q1.ARMS[2:3], [0], study.SCALES["quick"], root, metric="editing", runs="q1"
