@@ -296,7 +296,8 @@ def test_v1_holdout_is_unchanged_by_v2():
 
 
 def test_new_shapes_render_their_geometry():
-  w = WORLD_V2
+  # at 96 px, where anti-aliased edges (counted whole below) barely change the shares
+  w = S.WorldConfig(canvas=96, shapes=S.V2_SHAPES, holdout="v2")
   cell = w.cell
   for shape, fill in (("ring", 0.59), ("frame", 0.75), ("rectangle", 1.0), ("oval", 0.785)):
     obj = S.Obj(shape, "blue", 0, 0, cell / 2, cell / 2, 0.8 * cell)
@@ -308,7 +309,7 @@ def test_new_shapes_render_their_geometry():
     else:
       assert abs(int(wd) - int(h)) <= 1, shape
     # share of the bounding box covered: annulus / frame / full box / ellipse (pixelated)
-    assert mask.sum() / (h * wd) == pytest.approx(fill, abs=0.12), shape
+    assert mask.sum() / (h * wd) == pytest.approx(fill, abs=0.06), shape
     if shape in ("ring", "frame"):
       assert not mask[int(cell / 2), int(cell / 2)], shape  # the hole
   assert S.plural("frame", 2) == "frames" and S.plural("oval", 1) == "oval"

@@ -101,7 +101,8 @@ def test_stage1_on_8_devices_matches_one_device(stage1):
   # 1e-4: the shapes recipe's x-prediction divides by t (>= 0.05), which scales the float
   # reduction-order differences of 8 shards by up to 20 (3e-5 measured at step 3)
   np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-4)
-  assert_same_params(load_params(one), load_params(eight))
+  # near-zero parameters (adapter biases ~1e-4 after 3 warm-up steps) differ by up to 2.2e-6
+  assert_same_params(load_params(one), load_params(eight), atol=1e-5)
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(stage1):
