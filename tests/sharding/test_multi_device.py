@@ -98,11 +98,13 @@ def test_stage1_on_8_devices_matches_one_device(stage1):
   one, eight, _ = stage1
   a, b = losses(one), losses(eight)
   assert sorted(a) == sorted(b) == [1, 2, 3]
-  # 1e-4: the shapes recipe's x-prediction divides by t (>= 0.05), which scales the float
-  # reduction-order differences of 8 shards by up to 20 (3e-5 measured at step 3)
+  # Float reduction order over 8 shards, measured with the shapes recipe (2026-12-02): 3e-5
+  # relative in the step-3 loss. In the parameters Adam amplifies it: it divides each gradient by
+  # its own size, and the adaLN-Zero shift / scale weights have a gradient of exactly 0 while
+  # their gates are 0, so noise decides the sign of their first lr-sized updates (up to 1.8e-4
+  # apart). 3e-4 is a fifth of what the 3 warm-up steps can move a parameter (1.5e-3).
   np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-4)
-  # near-zero parameters (adapter biases ~1e-4 after 3 warm-up steps) differ by up to 2.2e-6
-  assert_same_params(load_params(one), load_params(eight), atol=1e-5)
+  assert_same_params(load_params(one), load_params(eight), rtol=0.0, atol=3e-4)
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(stage1):

@@ -72,7 +72,7 @@ def train(spec: str, a: argparse.Namespace) -> None:
   import numpy as np
 
   from iomm_jax import sharding
-  from iomm_jax.configs.loading import load_config
+  from iomm_jax.configs.loading import load_config, parse_value
   from iomm_jax.train import finetune, loop, mllm, pretrain
 
   name, stage, mesh, steps, *rest = spec.split(":")
@@ -98,7 +98,7 @@ def train(spec: str, a: argparse.Namespace) -> None:
     if key in extra:
       over[cfg_key] = _workdir(extra.pop(key), a)
   for k, v in extra.items():  # numbers as numbers
-    over[k] = int(v) if v.lstrip("-").isdigit() else v
+    over[k] = parse_value(v)
   c = load_config(os.path.join(EXP, f"{stage}.py:quick"), over)
   wd = os.path.join(a.out, name)
   setup = {"mllm": mllm.setup, "pretrain": pretrain.setup, "finetune": finetune.setup}[stage]
