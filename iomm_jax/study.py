@@ -492,7 +492,10 @@ def main(
   if a.write_docs:
     png = os.path.join(ROOT, "docs", "study", f"{question}_{scale.name}.png")
     plot(results, f"{title} ({scale.name} scale, {len(a.seeds)} seeds)", png)
-    cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, a.seeds))} --write-docs"
+    cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, a.seeds))}"
+    if a.arms:
+      cmd += " --arms " + " ".join(f'"{x}"' for x in a.arms)
+    cmd += " --write-docs"
     section = (
       f"### {title}\n\n"
       f"Scale `{scale.name}`: stage 1 {scale.pretrain_steps} steps"
