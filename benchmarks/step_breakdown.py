@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags, logging
 
 from iomm_jax import runtime
@@ -123,8 +124,6 @@ def breakdown(stage: str, batch: int, n: int, overrides: dict) -> dict[str, floa
   @jax.jit
   def opt_only(p, s, e, g):
     upd, s = optimizer.update(g, s, p)
-    import optax
-
     p = optax.apply_updates(p, upd)
     e = jax.tree_util.tree_map(lambda a, b: 0.99 * a + 0.01 * b, e, p)
     return p, s, e

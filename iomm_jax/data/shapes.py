@@ -139,8 +139,6 @@ along the relation's axis (see ``relation_holds``)."""
 HOLDOUT_VERSIONS = ("v1", "v2")
 V2_MIN_HELDOUT = 8
 """Hold-out v2: the fewest held-out prompts of a category (all of them if it has fewer)."""
-PLURALS: dict[str, str] = {}
-"""Irregular plurals (every shape of ``KNOWN_SHAPES`` takes an ``s``)."""
 
 
 def _rgb_distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
@@ -339,8 +337,8 @@ def article(word: str) -> str:
 
 
 def plural(shape: str, count: int) -> str:
-  """``shape``'s plural when ``count`` != 1 ("circles", "crosses")."""
-  return shape if count == 1 else PLURALS.get(shape, shape + "s")
+  """``shape`` with an ``s`` when ``count`` != 1 (every shape of ``KNOWN_SHAPES`` is regular)."""
+  return shape if count == 1 else shape + "s"
 
 
 def relation_holds(

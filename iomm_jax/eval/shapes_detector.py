@@ -216,7 +216,7 @@ def _measure(
   cy = float(c.sum(axis=1) @ (np.arange(c.shape[0]) + 0.5)) / area
   fill = area / (bw * bh)
   if any(x in world.shapes for x in EXTENDED_SHAPES):
-    return _classify_extended(c, cols, rows, fill, cy, world), fill, cx, cy
+    return _classify_extended(c, rows, bw, bh, fill, cy, world), fill, cx, cy
   if max(bh / bw, bw / bh) > MAX_ASPECT or fill < MIN_FILL:
     return None, fill, cx, cy
   shape = _classify_solid(rows, fill, cy, bh)
@@ -243,29 +243,20 @@ def _soft_start(profile: np.ndarray) -> float:
 
 def _hole_share(c: np.ndarray, bw: float, bh: float) -> float:
   """Background (coverage < 0.5) enclosed by the blob, as a share of its soft box: pixels of
-  the crop not 4-connected to the crop's border (which lies outside the blob)."""
+  the crop whose background component (``label_components``) does not reach the crop's border
+  (which lies outside the blob)."""
   free = c < 0.5
-  reach = np.zeros_like(free)
-  reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
-  while True:
-    grow = reach.copy()
-    grow[1:] |= reach[:-1]
-    grow[:-1] |= reach[1:]
-    grow[:, 1:] |= reach[:, :-1]
-    grow[:, :-1] |= reach[:, 1:]
-    grow &= free
-    if np.array_equal(grow, reach):
-      break
-    reach = grow
-  return float(np.sum(free & ~reach)) / (bw * bh)
+  labels, _ = label_components(np.where(free, 0, -1))
+  outside = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+  return float(np.sum(free & ~np.isin(labels, outside))) / (bw * bh)
 
 
 def _classify_extended(
-  c: np.ndarray, cols: np.ndarray, rows: np.ndarray, fill: float, cy: float, world: WorldConfig
+  c: np.ndarray, rows: np.ndarray, bw: float, bh: float, fill: float, cy: float, world: WorldConfig
 ) -> str | None:
-  """Shape of a blob (soft coverage ``c``, its column / row maxima) in a world with any of
-  ``EXTENDED_SHAPES`` (see the module docstring); None when nothing of the world fits."""
-  bw, bh = float(cols.sum()), float(rows.sum())
+  """Shape of a blob (soft coverage ``c``, its row maxima, soft box ``bw`` x ``bh``) in a world
+  with any of ``EXTENDED_SHAPES`` (see the module docstring); None when nothing of the world
+  fits."""
   aspect = bw / bh
   shape: str | None = None
   if WIDE_ASPECT[0] <= aspect <= WIDE_ASPECT[1]:
@@ -309,11 +300,17 @@ def detect(image: np.ndarray, world: WorldConfig) -> list[Detection]:
 
 
 def score(
-  image: np.ndarray, meta: dict[str, Any], world: WorldConfig, *, exact_counts: bool = False
+  image: np.ndarray,
+  meta: dict[str, Any],
+  world: WorldConfig,
+  *,
+  exact_counts: bool = False,
+  detections: list[Detection] | None = None,
 ) -> bool:
-  """Whether ``image`` satisfies the GenEval-style ``meta`` (see the module docstring)."""
+  """Whether ``image`` satisfies the GenEval-style ``meta`` (see the module docstring);
+  ``detections``: ``detect(image, world)`` when the caller has it already."""
   by_class: dict[str, list[Detection]] = {}
-  for det in detect(image, world):
+  for det in detect(image, world) if detections is None else detections:
     if det.shape is not None:
       by_class.setdefault(det.shape, []).append(det)
   for dets in by_class.values():

@@ -64,17 +64,16 @@ def image_keys(seed: int, n: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.arange(n))
 
 
-def is_empty(image: np.ndarray, world: shapes.WorldConfig) -> bool:
-  """Whether the detector finds no object at all in ``image``."""
-  return not shapes_detector.detect(image, world)
-
-
 def score_images(
   images: np.ndarray, metas: list[dict[str, Any]], world: shapes.WorldConfig
 ) -> dict[str, Any]:
   """The report of already generated images (see the module docstring) and the verdicts."""
-  correct = [shapes_detector.score(img, m, world) for img, m in zip(images, metas, strict=True)]
-  empty = [float(is_empty(img, world)) for img in images]
+  found = [shapes_detector.detect(img, world) for img in images]  # once per image
+  correct = [
+    shapes_detector.score(img, m, world, detections=d)
+    for img, m, d in zip(images, metas, found, strict=True)
+  ]
+  empty = [float(not d) for d in found]  # the detector finds no object at all
   overall, se, categories, category_se = _mean_of_categories(metas, [float(c) for c in correct])
   empty_share, _, empty_by_cat, _ = _mean_of_categories(metas, empty)
   per_prompt: dict[str, set[str]] = {}
@@ -129,10 +128,11 @@ def scored_samples(
   """A readable sample of the held-out set: the first ``prompts_per_category`` held-out prompts
   of each category, ``per_prompt`` images each, scored like ``evaluate`` (for ``scored_grid``)."""
   world = pipeline.world_from_config(config)
+  held = shapes.eval_prompts(world, per_category=None)
   metas = []
   for c in shapes.CATEGORIES:
-    held = [m for m in shapes.eval_prompts(world, per_category=None) if m["tag"] == c]
-    metas += [m for m in held[:prompts_per_category] for _ in range(per_prompt)]
+    first = [m for m in held if m["tag"] == c][:prompts_per_category]
+    metas += [m for m in first for _ in range(per_prompt)]
   return evaluate(config, ctx, params, per_category=per_prompt, seed=seed, metas=metas)
 
 

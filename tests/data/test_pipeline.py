@@ -65,7 +65,10 @@ def test_pair_set_dense_caption_share(share):
 
 def test_dense_captions_fit_the_text_limit(conditioner):
   ps = pipeline.PairSet(WORLD, 500, seed=0, dense_captions=1.0)
-  conditioner.text_conditions(ps.captions)  # raises if any caption is over max_text_len
+  longest = max(len(conditioner.tokenizer.encode(c, bos=True)) for c in ps.captions)
+  assert longest <= 24  # the conditioner's max_text_len
+  ids, valid = conditioner.text_conditions(ps.captions)  # raises if any caption is too long
+  assert ids.shape == (500, conditioner.cond_len) and valid.sum(axis=1).max() == longest
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.5])
