@@ -28,6 +28,7 @@ setup(
       "iomm-eval=iomm_jax.cli.evaluate:main",
       "iomm-convert=iomm_jax.cli.convert:main",
       "iomm-prepare=iomm_jax.cli.prepare:main",
+      "iomm-cache-features=iomm_jax.cli.cache_features:main",
       "iomm-plan=iomm_jax.cli.plan:main",
     ]
   },

@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
   except (inputs.InputError, OSError) as e:  # OSError: an unreadable input, an unusable --out
     parser.error(str(e))  # exit code 2
   if manifest is None:
-    print(
-      f"process {a.process_index}: its shards are finished; waiting for other processes (the "
-      "last to finish writes the manifest; rerunning any process's command also does)"
-    )
+    print(prepare.waiting_message(a.process_index))
     return 0
   print(summary(manifest, a.out))
   return 0

@@ -57,6 +57,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.tfds_split = "train"  # "tfds": the split trained on
   d.image_key = "image"  # "tfds": the image feature
   d.caption_key = "caption"  # "tfds": the caption feature (missing = image-only)
+  d.features = ""  # iomm-cache-features folder: read instead of source/path ("": encode online)
+  d.vae_latent = "mean"  # VAE target latent: posterior "mean" or a "sample" (online and cached)
   d.canvas = 32  # shapes world: canvas side in pixels
   d.grid = 2  # shapes world: objects sit in a grid x grid layout of cells
   # shapes world: its shapes (data.shapes.KNOWN_SHAPES) and the hold-out version that splits
@@ -103,8 +105,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 32  # global batch size
   t.num_steps = 1000  # total training steps of this stage
-  t.ema_decay = 0.999  # EMA decay of trainable parameters (paper: 0.999; 0 = off)
+  t.ema_decay = 0.999  # EMA decay (paper: 0.999); 0 = no EMA copy kept, samples use the params
   t.ema_warmup = True  # use min(decay, (1 + step) / (10 + step)) so short runs track
+  t.grad_accum = 1  # micro-batches per update (batch_size / grad_accum rows each, one update)
+  t.peak_tflops = 0.0  # per-device bf16 peak for the logged MFU (0: by device kind, perf.py)
   t.init_from = ""  # stage 2: workdir of the stage-1 run to start from ("scratch": random init)
   t.log_every = 50  # steps between metric writes
   t.ckpt_every = 500  # steps between checkpoints (and one at the end)

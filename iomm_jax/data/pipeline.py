@@ -1,5 +1,6 @@
 """grain input pipelines of the three stages, over the embedded shapes world (real data:
-``config.data.source`` "array_record" or "tfds", built by ``iomm_jax.data.sources``).
+``config.data.source`` "array_record" or "tfds", or cached features ``config.data.features``,
+built by ``iomm_jax.data.sources``).
 
 Every element is a dict of numpy arrays; batches add a leading axis. Per-element randomness comes
 from grain's seeded ``random_map`` or from the element index, so an iterator restored from a
@@ -258,7 +259,7 @@ def make_dataset(
 ) -> grain.IterDataset:
   """The batched training dataset of ``config.stage`` over ``config.data.source``."""
   world, seed = world_from_config(config), config.seed
-  if config.data.source != "shapes":  # real data (iomm_jax.data.sources)
+  if config.data.source != "shapes" or config.data.features:  # real data (data.sources)
     return _finish_records(*sources.record_dataset(config, conditioner), config)
   if config.stage == "mllm":
     ds = grain.MapDataset.source(ShapesStream(world, seed + 1))

@@ -14,6 +14,9 @@ The manifest is written by whichever process finds every shard finished after it
 (its content depends only on the shards' reports, so two processes finishing together write the
 same bytes, each through a rename). If a process ends while others still work, rerunning any
 process's command later (all its shards are finished, so it only merges) writes it.
+
+That machinery (``check_process_split``, ``check_settings``, ``unfinished_shards``,
+``write_shard``, ``shard_reports``) also writes ``iomm-cache-features``' shards (train/cache.py).
 """
 
 from __future__ import annotations
@@ -69,8 +72,18 @@ class Options:
         raise InputError(f"{flag} {value!r} is out of range")
 
 
-def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
-  path = os.path.join(out_dir, SETTINGS)
+def check_process_split(num_processes: int, process_index: int) -> None:
+  """InputError naming ``--process-index`` unless it lies in [0, ``num_processes``)."""
+  if num_processes < 1 or not 0 <= process_index < num_processes:
+    raise InputError(
+      f"--process-index {process_index} must lie in [0, --num-processes {num_processes})"
+    )
+
+
+def check_settings(out_dir: str, settings: dict[str, Any], filename: str = SETTINGS) -> None:
+  """Records ``settings`` in ``out_dir/filename``, or refuses (InputError naming ``--out`` and the
+  differing keys) if the folder already holds work done with other settings."""
+  path = os.path.join(out_dir, filename)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
@@ -84,19 +97,64 @@ def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
     records.write_json_atomic(path, settings)
 
 
-def _write_shard(source, out_dir: str, shard: int, num_shards: int, opts: Options, bar) -> None:
+def unfinished_shards(
+  out_dir: str, num_shards: int, num_processes: int = 1, process_index: int = 0
+) -> list[int]:
+  """This process's shards (``process_index``, ``+ num_processes``, ...) not yet finished."""
+  return [
+    s
+    for s in range(process_index, num_shards, num_processes)
+    if not os.path.exists(os.path.join(out_dir, records.shard_name(s, num_shards)))
+  ]
+
+
+def _report_path(shard_path: str) -> str:
+  """``shard-...json`` beside ``shard-....array_record``."""
+  return shard_path[: -len(".array_record")] + ".json"
+
+
+def write_shard(
+  out_dir: str, shard: int, num_shards: int, fill: Callable[[Any], dict[str, Any]]
+) -> None:
+  """Writes one shard so that it is never seen half-written: ``fill(writer)`` writes its records
+  to an ArrayRecordWriter on ``<name>.tmp-<pid>`` and returns the shard's report, which is saved
+  as ``shard-...json`` before the temporary is renamed into place (stale temporaries of an
+  earlier, interrupted attempt are removed first)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   final = os.path.join(out_dir, records.shard_name(shard, num_shards))
   for stale in glob.glob(glob.escape(final) + ".tmp-*"):
     os.remove(stale)
   tmp = f"{final}.tmp-{os.getpid()}"
-  policy, keep = opts.policy(), opts.captions == "keep"
-  start = shard * opts.records_per_shard
-  stop = min(start + opts.records_per_shard, len(source))
-  skipped, fixes, written, captioned = [], {}, 0, 0
   writer = ArrayRecordWriter(tmp, "group_size:1")
   try:
+    report = fill(writer)
+  finally:
+    writer.close()
+  records.write_json_atomic(_report_path(final), report)
+  os.replace(tmp, final)  # the shard is finished from here on
+
+
+def shard_reports(out_dir: str, num_shards: int) -> list[tuple[str, dict[str, Any]]] | None:
+  """(file name, report) of every shard in order if all are finished, else None."""
+  names = [records.shard_name(s, num_shards) for s in range(num_shards)]
+  if not all(os.path.exists(os.path.join(out_dir, n)) for n in names):
+    return None
+  out = []
+  for n in names:
+    with open(_report_path(os.path.join(out_dir, n))) as f:
+      out.append((n, json.load(f)))
+  return out
+
+
+def _fill_shard(source, shard: int, opts: Options, bar) -> Callable[[Any], dict[str, Any]]:
+  """The ``write_shard`` filler of prepared shard ``shard``: decoded, resized, re-encoded."""
+
+  def fill(writer) -> dict[str, Any]:
+    policy, keep = opts.policy(), opts.captions == "keep"
+    start = shard * opts.records_per_shard
+    stop = min(start + opts.records_per_shard, len(source))
+    skipped, fixes, written, captioned = [], {}, 0, 0
     for raw in source.read(start, stop):
       bar.update(1)
       try:
@@ -111,22 +169,26 @@ def _write_shard(source, out_dir: str, shard: int, num_shards: int, opts: Option
       writer.write(records.encode_record(raw.key, jpeg, cap))
       written += 1
       captioned += cap is not None
-  finally:
-    writer.close()
-  report = {"records": written, "captioned": captioned, "skipped": skipped, "fixes": fixes}
-  records.write_json_atomic(final[: -len(".array_record")] + ".json", report)
-  os.replace(tmp, final)  # the shard is finished from here on
+    return {"records": written, "captioned": captioned, "skipped": skipped, "fixes": fixes}
+
+  return fill
+
+
+def waiting_message(process_index: int) -> str:
+  """What a process says when its shards are finished but other processes' are not."""
+  return (
+    f"process {process_index}: its shards are finished; waiting for other processes (the last "
+    "to finish writes the manifest; rerunning any process's command also does)"
+  )
 
 
 def finalize(out_dir: str, settings: dict[str, Any], num_shards: int) -> dict[str, Any] | None:
   """Writes ``skipped.jsonl`` and the manifest if every shard is finished; returns it or None."""
-  names = [records.shard_name(s, num_shards) for s in range(num_shards)]
-  if not all(os.path.exists(os.path.join(out_dir, n)) for n in names):
+  reports = shard_reports(out_dir, num_shards)
+  if reports is None:
     return None
   shards, skipped, fixes, reasons = [], [], {}, {}
-  for n in names:
-    with open(os.path.join(out_dir, n[: -len(".array_record")] + ".json")) as f:
-      rep = json.load(f)
+  for n, rep in reports:
     shards.append({"file": n, "records": rep["records"], "captioned": rep["captioned"]})
     skipped += rep["skipped"]
     for k, v in rep["fixes"].items():
@@ -171,10 +233,7 @@ def prepare(
   if every shard is now finished, else None. ``after_shard(s)`` runs after each shard written
   (tests use it to simulate an interruption)."""
   opts.check()
-  if num_processes < 1 or not 0 <= process_index < num_processes:
-    raise InputError(
-      f"--process-index {process_index} must lie in [0, --num-processes {num_processes})"
-    )
+  check_process_split(num_processes, process_index)
   if not len(source):
     raise InputError(f"the input ({source.describe()}) holds no records")
   os.makedirs(out_dir, exist_ok=True)
@@ -184,19 +243,15 @@ def prepare(
     "num_items": len(source),
     "options": dataclasses.asdict(opts),
   }
-  _check_settings(out_dir, settings)
+  check_settings(out_dir, settings)
   num_shards = math.ceil(len(source) / opts.records_per_shard)
-  mine = [
-    s
-    for s in range(process_index, num_shards, num_processes)
-    if not os.path.exists(os.path.join(out_dir, records.shard_name(s, num_shards)))
-  ]
+  mine = unfinished_shards(out_dir, num_shards, num_processes, process_index)
   todo = sum(
     min((s + 1) * opts.records_per_shard, len(source)) - s * opts.records_per_shard for s in mine
   )
   with tqdm(total=todo, unit="img", disable=not progress, file=sys.stderr) as bar:
     for s in mine:
-      _write_shard(source, out_dir, s, num_shards, opts, bar)
+      write_shard(out_dir, s, num_shards, _fill_shard(source, s, opts, bar))
       if after_shard is not None:
         after_shard(s)
   return finalize(out_dir, settings, num_shards)

@@ -72,29 +72,36 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def read_manifest(path: str, what: str = "config.data.path") -> dict[str, Any]:
-  """The manifest of prepared folder ``path``, checked; errors name ``what`` and the file."""
+def check_manifest(path: str, what: str, fmt: str, version: int, tool: str) -> dict[str, Any]:
+  """The ``manifest.json`` of a folder that ``tool`` writes (format ``fmt``, ``version``), with
+  every shard it lists present; errors name ``what`` (the flag or config key) and the file."""
   mpath = os.path.join(path, MANIFEST)
   if not path or not os.path.isdir(path):
-    raise FileNotFoundError(f"{what}={path!r} is not a folder prepared by iomm-prepare")
+    raise FileNotFoundError(f"{what}={path!r} is not a folder written by {tool}")
   if not os.path.exists(mpath):
     raise FileNotFoundError(
-      f"{what}={path!r} has no {MANIFEST}: not an iomm-prepare output, or its preparation has "
-      "not finished (rerun iomm-prepare with the same arguments to resume)"
+      f"{what}={path!r} has no {MANIFEST}: not a {tool} output, or it has not finished (rerun "
+      f"{tool} with the same arguments to resume)"
     )
   with open(mpath) as f:
     try:
       m = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{mpath} ({what}={path!r}) is not valid JSON: {e}") from None
-  if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+  if m.get("format") != fmt or m.get("format_version") != version:
     raise ValueError(
       f"{mpath} ({what}={path!r}) has format {m.get('format')!r} version "
-      f"{m.get('format_version')!r}; this code reads {FORMAT!r} version {FORMAT_VERSION}"
+      f"{m.get('format_version')!r}; this code reads {fmt!r} version {version}"
     )
   for s in m["shards"]:
     if not os.path.exists(os.path.join(path, s["file"])):
       raise FileNotFoundError(f"{mpath} ({what}={path!r}) lists {s['file']}, which is missing")
+  return m
+
+
+def read_manifest(path: str, what: str = "config.data.path") -> dict[str, Any]:
+  """The manifest of prepared folder ``path``, checked; errors name ``what`` and the file."""
+  m = check_manifest(path, what, FORMAT, FORMAT_VERSION, "iomm-prepare")
   if not m["num_records"]:
-    raise ValueError(f"{mpath} ({what}={path!r}) holds no records")
+    raise ValueError(f"{os.path.join(path, MANIFEST)} ({what}={path!r}) holds no records")
   return m

@@ -7,6 +7,12 @@ resized with ``decode.load_image`` if the prepared resolution differs), ``cond_i
 were dropped just before this one. A batch carries one count per row; the train loop pops and
 sums them before the jitted step and logs the running total as ``data_skipped``.
 
+With ``config.data.features`` (a folder of ``iomm-cache-features``, format in ``data.features``)
+the records are cached features instead: elements carry ``vision``, ``latent_mean`` (and
+``latent_std``) in place of ``image``, everything else as above, in the same order and with the
+same draws as the prepared folder they were encoded from (``data.source`` / ``data.path`` are
+then not read).
+
 Stage 1 ("pretrain") uses every record image-only (captions unused). Stage 2 ("finetune") makes
 a captioned record an image-only sample with probability ``config.diffusion.mix_ratio`` and a
 caption-conditioned one otherwise; a record without a caption is always image-only (so with
@@ -18,16 +24,56 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
-from iomm_jax.data import decode, inputs, records
+from iomm_jax.data import decode, features, inputs, records
 
 BAD = "_undecodable"  # key of the marker element a record that failed to decode becomes
 MAX_BAD_IN_A_ROW = 1000  # more consecutive undecodable records than this is an error
 SOURCES = ("shapes", "array_record", "tfds")
+
+
+def decode_element(
+  element: Any,
+  image_size: int,
+  kind: str = "array_record",
+  image_key: str = "image",
+  caption_key: str = "caption",
+) -> tuple[np.ndarray, str | None]:
+  """(image uint8 [S, S, 3], cleaned caption or None) of one stored record (``kind``: msgpack
+  record bytes, "array_record", or a dict of decoded "tfds" features); ``decode.BadRecord`` if
+  it does not decode (``iomm-cache-features`` encodes records through this too)."""
+  policy = decode.ImagePolicy(resolution=image_size, min_size=0)
+  try:
+    if kind == "array_record":
+      rec = records.decode_record(element)
+      image, caption = rec["image"], rec.get("caption")
+    else:
+      image, caption = element[image_key], element.get(caption_key)
+    image = decode.load_image(image, policy)
+  except decode.BadRecord:
+    raise
+  except (ValueError, KeyError, TypeError) as e:
+    raise decode.BadRecord(type(e).__name__, str(e)) from None
+  return image, decode.clean_caption(caption)
+
+
+def condition_fields(
+  conditioner, stage: str, mix_ratio: float, caption: str | None, draw: float
+) -> dict[str, Any]:
+  """cond_ids, cond_valid, is_image_only of a record of ``stage`` (module docstring): image-only
+  in stage 1, without a caption, or when ``draw`` < ``mix_ratio``; else its caption."""
+  if stage == "pretrain" or caption is None or draw < mix_ratio:
+    ids, valid = conditioner.image_condition()
+    only = True
+  else:
+    ids, valid = conditioner.truncated_text_condition(caption)
+    only = False
+  return {"cond_ids": ids, "cond_valid": valid, "is_image_only": np.bool_(only)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,27 +93,42 @@ class RecordSample(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     draw = rng.random()  # drawn first, whatever the record, so the stream is deterministic
-    policy = decode.ImagePolicy(resolution=self.image_size, min_size=0)
     try:
-      if self.kind == "array_record":
-        rec = records.decode_record(element)
-        image, caption = rec["image"], rec.get("caption")
-      else:
-        image, caption = element[self.image_key], element.get(self.caption_key)
-      image = decode.load_image(image, policy)
+      image, caption = decode_element(
+        element, self.image_size, self.kind, self.image_key, self.caption_key
+      )
     except decode.BadRecord as e:
       return {BAD: e.reason}
-    except (ValueError, KeyError, TypeError) as e:
+    return {
+      "image": image,
+      **condition_fields(self.conditioner, self.stage, self.mix_ratio, caption, draw),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSample(grain.transforms.RandomMap):
+  """A cached-feature record (``data.features``) -> a training sample of ``stage``: its arrays
+  (vision, latent_mean[, latent_std]) in place of the image, the condition as ``RecordSample``
+  makes it (the same draw, so a features run sees the samples of an online one)."""
+
+  conditioner: object
+  stage: str
+  mix_ratio: float
+  specs: features.Specs
+
+  def random_map(self, element, rng: np.random.Generator):
+    draw = rng.random()  # as RecordSample: first, whatever the record
+    try:
+      rec = features.decode_record(element, self.specs)
+    except ValueError as e:
       return {BAD: type(e).__name__}
-    caption = decode.clean_caption(caption)
-    c = self.conditioner
-    if self.stage == "pretrain" or caption is None or draw < self.mix_ratio:
-      ids, valid = c.image_condition()
-      only = True
-    else:
-      ids, valid = c.truncated_text_condition(caption)
-      only = False
-    return {"image": image, "cond_ids": ids, "cond_valid": valid, "is_image_only": np.bool_(only)}
+    if "bad" in rec:
+      return {BAD: rec["bad"]}
+    arrays = {name: rec[name] for name, _, _ in self.specs}
+    return {
+      **arrays,
+      **condition_fields(self.conditioner, self.stage, self.mix_ratio, rec["caption"], draw),
+    }
 
 
 class SkipUndecodable(grain.IterDataset):
@@ -139,6 +200,21 @@ def open_source(config: ml_collections.ConfigDict) -> tuple[object, str]:
   raise ValueError(f"config.data.source={d.source!r} unknown; choose from {SOURCES}")
 
 
+def open_features(config: ml_collections.ConfigDict) -> tuple[object, str, features.Specs]:
+  """The random-access source of ``config.data.features``, where it is, and its array specs."""
+  path = config.data.features
+  m = features.read_manifest(path)
+  mpath = os.path.join(path, features.MANIFEST)
+  paths = [os.path.join(path, s["file"]) for s in m["shards"] if s["records"]]
+  src = grain.sources.ArrayRecordDataSource(paths)
+  if len(src) != m["num_records"]:
+    raise ValueError(
+      f"config.data.features={path!r}: the shards hold {len(src)} records but {mpath} lists "
+      f"{m['num_records']}; re-run iomm-cache-features into a new folder"
+    )
+  return src, f"config.data.features={path!r} ({mpath})", features.specs_from_json(m["arrays"])
+
+
 def record_dataset(config: ml_collections.ConfigDict, conditioner) -> tuple[grain.MapDataset, str]:
   """Shuffled, repeated, per-process samples of ``config.data`` (``BAD`` markers included)."""
   if config.stage not in ("pretrain", "finetune"):
@@ -152,15 +228,19 @@ def record_dataset(config: ml_collections.ConfigDict, conditioner) -> tuple[grai
       f"config.data.source={config.data.source!r} image-only samples come from the same records; "
       "set it to 'pairs'"
     )
-  src, where = open_source(config)
-  sample = RecordSample(
-    conditioner,
-    config.model.image_size,
-    config.stage,
-    config.diffusion.mix_ratio,
-    config.data.source,
-    config.data.image_key,
-    config.data.caption_key,
-  )
+  if config.data.features:  # cached features instead of records (train/cache.py checks them)
+    src, where, specs = open_features(config)
+    sample = FeatureSample(conditioner, config.stage, config.diffusion.mix_ratio, specs)
+  else:
+    src, where = open_source(config)
+    sample = RecordSample(
+      conditioner,
+      config.model.image_size,
+      config.stage,
+      config.diffusion.mix_ratio,
+      config.data.source,
+      config.data.image_key,
+      config.data.caption_key,
+    )
   ds = grain.MapDataset.source(src).shuffle(seed=config.seed + 7).repeat(None)
   return ds.random_map(sample, seed=config.seed + 8), where

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import string
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -166,6 +167,30 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     """The piece string of id ``i``."""
     return self._sp.id_to_piece(int(i))
+
+  def unknown_words(self, text: str) -> list[str]:
+    """The out-of-vocabulary words of ``text`` (whitespace-separated, each once, in order).
+
+    A word is out of vocabulary when its pieces hold ``<unk>`` (a character the training text
+    never had: "Circle", "circle." without a full stop in any caption), or when the word without
+    its surrounding punctuation takes more than one piece and one of them is a single letter or
+    digit ("dog" -> "▁d o g", "sneaker" -> "▁s ne a <unk> er", "redd" -> "▁red d"). BPE merges
+    the character pairs of its training text, so the words of the training captions end up as
+    one piece each (every word of the shapes grammar) or, rarer ones, as a few pieces of several
+    characters; a word broken down to single characters is one it did not see (often enough)
+    to learn.
+    """
+    out = []
+    for word in dict.fromkeys(text.split()):
+      unknown = UNK_ID in self._sp.encode(word)
+      core = word.strip(string.punctuation)
+      if core and not unknown:
+        pieces = [p.lstrip("\u2581") for p in self._sp.encode(core, out_type=str)]
+        pieces = [p for p in pieces if p]
+        unknown = len(pieces) > 1 and any(len(p) == 1 and p.isalnum() for p in pieces)
+      if unknown:
+        out.append(word)
+    return out
 
   def __getstate__(self) -> dict[str, Any]:
     return {"model_proto": self._proto}

@@ -525,6 +525,19 @@ class LatentCodec(Protocol):
     """[B, h, w, C] -> [B, h*f, w*f, 3], nominally in [-1, 1] (not clipped)."""
     ...
 
+  def moments(self, params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """What ``encode`` draws from, before any shift/scale: (mean, std) [B, H/f, W/f, C], std
+    None for a deterministic codec (cached by ``iomm-cache-features``)."""
+    ...
+
+  def latent_from_moments(
+    self, mean: jax.Array, std: jax.Array | None, noise: jax.Array | None = None
+  ) -> jax.Array:
+    """``encode``'s output from ``moments``' (mean, std), float32: mean + std * ``noise`` (a
+    standard normal draw of mean's shape) when both are given, else from the mean alone;
+    ``encode(p, x, rng)`` is it with ``noise = jax.random.normal(rng, mean.shape)``."""
+    ...
+
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     """(H/f, W/f, C) for an image of (height, width)."""
     ...
@@ -563,6 +576,15 @@ class PixelCodec:
     x = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // f, w // f, f * f * c)
 
+  def moments(self, params: Params, images: jax.Array) -> tuple[jax.Array, None]:
+    return self.encode(params, images), None
+
+  def latent_from_moments(
+    self, mean: jax.Array, std: None = None, noise: jax.Array | None = None
+  ) -> jax.Array:
+    del std, noise
+    return mean.astype(jnp.float32)
+
   def decode(self, params: Params, latents: jax.Array) -> jax.Array:
     del params
     b, h, w, _ = latents.shape
@@ -582,7 +604,8 @@ class VAECodec:
   """``AutoencoderKL`` as a codec: latents = (z - shift_factor) * scaling_factor.
 
   ``params`` is the unboxed "params" collection of ``AutoencoderKL(config)``. ``encode`` uses the
-  posterior mean, or a sample mean + std * noise when ``rng`` is given.
+  posterior mean, or a sample mean + std * noise when ``rng`` is given (std = exp(logvar / 2);
+  ``moments`` gives mean and std, ``latent_from_moments`` the latent from them).
   """
 
   def __init__(self, config: VAEConfig | None = None):
@@ -606,9 +629,21 @@ class VAECodec:
 
   def encode(self, params: Params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     mean, logvar = self.module.apply({"params": params}, images, method=AutoencoderKL.encode)
-    z = mean
-    if rng is not None:
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    if rng is None:
+      return self.latent_from_moments(mean, None)
+    std = jnp.exp(0.5 * logvar)
+    return self.latent_from_moments(mean, std, jax.random.normal(rng, mean.shape, mean.dtype))
+
+  def moments(self, params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean, logvar = self.module.apply({"params": params}, images, method=AutoencoderKL.encode)
+    return mean, jnp.exp(0.5 * logvar)
+
+  def latent_from_moments(
+    self, mean: jax.Array, std: jax.Array | None, noise: jax.Array | None = None
+  ) -> jax.Array:
+    z = mean.astype(jnp.float32)
+    if std is not None and noise is not None:
+      z = z + std.astype(jnp.float32) * noise.astype(jnp.float32)
     return (z - self.config.shift_factor) * self.config.scaling_factor
 
   def decode(self, params: Params, latents: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from iomm_jax import checkpointing, inference, metrics, sharding
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.models import iomm
-from iomm_jax.train import context, loop, steps
+from iomm_jax.train import cache, context, loop, steps
 
 
 def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
@@ -43,11 +43,19 @@ def abstract_frozen(model: iomm.IOMM, shardings: dict[str, Any]) -> dict[str, An
   return sharding.abstract_target(_abstract_frozen_boxed(model), shardings)
 
 
-def abstract_batch(model: iomm.IOMM, batch_size: int, cond_len: int) -> dict[str, Any]:
-  """Shapes and dtypes of a generator batch (``pipeline.make_dataset``'s stage-1/2 batches)."""
+def abstract_batch(
+  model: iomm.IOMM, batch_size: int, cond_len: int, feature_dtype: str | None = None
+) -> dict[str, Any]:
+  """Shapes and dtypes of a generator batch (``pipeline.make_dataset``'s stage-1/2 batches); with
+  ``feature_dtype``, of a batch of cached features stored in it (``config.data.features``)."""
   s, sds = model.image_size, jax.ShapeDtypeStruct
+  if feature_dtype is None:
+    inputs = {"image": sds((batch_size, s, s, 3), jnp.uint8)}
+  else:
+    specs = cache.feature_specs(model, feature_dtype)
+    inputs = {name: sds((batch_size, *shape), jnp.dtype(dt)) for name, shape, dt in specs}
   return {
-    "image": sds((batch_size, s, s, 3), jnp.uint8),
+    **inputs,
     "cond_ids": sds((batch_size, cond_len), jnp.int32),
     "cond_valid": sds((batch_size, cond_len), jnp.bool_),
     "is_image_only": sds((batch_size,), jnp.bool_),
@@ -85,6 +93,8 @@ def setup(
     ctx = context.build(config, workdir)
   frozen_sh = frozen_shardings(ctx.model, mesh, rules)
   ctx = dataclasses.replace(ctx, frozen=sharding.place(ctx.frozen, frozen_sh))
+  if config.data.features:  # encoded by this run's frozen encoders? (else an error naming both)
+    cache.check_run(config, ctx.model, ctx.frozen)
   data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
   optimizer, step = make_step(config, ctx.model, *ctx.conditioner.null_condition())
   state, state_sh, ckpt, start = loop.restore_or_init(
@@ -135,7 +145,7 @@ def sample_grid(
   "image", each row a source image (the column headed "source") followed by generations from
   its masked self-condition."""
   s = config.sample
-  params = state.ema if s.use_ema else state.params
+  params = steps.ema_params(state) if s.use_ema else state.params
   seed = config.seed + 99
   if kind == "text":
     names = grid_prompts(config)
