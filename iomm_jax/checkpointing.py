@@ -153,6 +153,17 @@ class Checkpointer:
     if self._pending is not None and not self.manager.is_saving_in_progress():
       self._settle()
 
+  def saved_ema(self, step: int | None = None) -> bool:
+    """Whether the state saved at ``step`` (default: the latest) holds an EMA copy (runs with
+    ``train.ema_decay = 0`` keep none; those saved before that existed kept one anyway)."""
+    step = self.latest_step() if step is None else step
+    try:
+      tree = self.manager.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      return bool(jax.tree_util.tree_leaves(tree.get("ema")))
+    except Exception:  # unreadable metadata: assume the layout of the code that wrote most runs
+      return True
+
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from iomm_jax import perf
+
 BORDER = (150, 150, 150)
 """Grey between and around grid images (a white sample on white would vanish otherwise)."""
 RIGHT, WRONG = (30, 160, 60), (220, 40, 40)
@@ -39,9 +41,20 @@ class MetricsLogger:
   """Writes scalars to metrics.jsonl + TensorBoard and prints a progress line with ETA."""
 
   def __init__(
-    self, workdir: str, total_steps: int, first_step: int = 0, tensorboard: bool = True, stream=None
+    self,
+    workdir: str,
+    total_steps: int,
+    first_step: int = 0,
+    tensorboard: bool = True,
+    stream=None,
+    batch_size: int | None = None,
+    peak_tflops: float | None = None,
   ):
+    """``batch_size`` (global samples per step) adds ``samples_per_s`` to every record; with
+    ``set_step_flops`` also ``tflops_per_device``, and ``mfu`` against ``peak_tflops``."""
     self.workdir = workdir
+    self.batch_size, self.peak_tflops = batch_size, peak_tflops
+    self.step_flops: float | None = None
     self.total = total_steps
     self.is_main = jax.process_index() == 0
     self.stream = stream or sys.stdout
@@ -61,6 +74,8 @@ class MetricsLogger:
     rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
     self._last_t, self._last_step = now, step
     host["steps_per_s"] = rate
+    if self.batch_size:
+      host.update(perf.throughput(rate, self.batch_size, self.step_flops, self.peak_tflops))
     host["eta_s"] = (self.total - step) / rate if rate > 0 else float("nan")
     host["elapsed_s"] = now - self._t0
     if self.is_main:
@@ -71,15 +86,23 @@ class MetricsLogger:
       print(self.progress_line(step, host), file=self.stream, flush=True)
     return host
 
+  def set_step_flops(self, flops: float | None) -> None:
+    """FLOPs per device of one train step (``perf.step_flops``), for TFLOP/s and MFU."""
+    self.step_flops = flops
+
   def progress_line(self, step: int, host: dict[str, float]) -> str:
     eta = host["eta_s"]
     eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if np.isfinite(eta) else "?"
     keys = ("loss", "lr", "grad_norm", "data_skipped")
     extra = " ".join(f"{k}={host[k]:.4g}" for k in keys if k in host)
+    speed = f"{host['steps_per_s']:.2f} steps/s"
+    if "samples_per_s" in host:
+      speed += f" {host['samples_per_s']:.1f} samples/s"
+    if "mfu" in host:
+      speed += f" MFU {100 * host['mfu']:.1f}%"
     return (
       f"[{os.path.basename(self.workdir.rstrip('/'))}] step {step}/{self.total} "
-      f"({100 * step / max(self.total, 1):.0f}%) {extra} "
-      f"{host['steps_per_s']:.2f} steps/s ETA {eta_s}"
+      f"({100 * step / max(self.total, 1):.0f}%) {extra} {speed} ETA {eta_s}"
     )
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> str:

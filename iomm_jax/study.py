@@ -135,6 +135,7 @@ def _same_run(root: str, wd: str, config, defaults) -> str | None:
   question's arm that is the same experiment), or None. A config key added to the project since
   that run counts as equal when this config leaves it at ``defaults`` (the experiment file's)."""
   want, base = json.loads(config.to_json()), json.loads(defaults.to_json())
+  loading.absolute_paths(want)  # workdirs store their paths absolute (loop.prepare_workdir)
   for question in sorted(os.listdir(root)):
     qdir = os.path.join(root, question)
     if not os.path.isdir(qdir) or question in ("mllm", "pretrain"):
@@ -145,8 +146,10 @@ def _same_run(root: str, wd: str, config, defaults) -> str | None:
       if other == wd or os.path.islink(other) or not os.path.exists(path):
         continue
       with open(path) as f:
-        if _with_defaults(json.load(f), base) == want and _finished(other, config.train.num_steps):
-          return other
+        saved = json.load(f)
+      loading.absolute_paths(saved)  # older workdirs: relative to where their study ran
+      if _with_defaults(saved, base) == want and _finished(other, config.train.num_steps):
+        return other
   return None
 
 

@@ -1,7 +1,7 @@
 """``iomm-plan``: the per-device memory of a stage's train step on a mesh, without the hardware.
 
   iomm-plan --config experiments/iomm_b/pretrain.py --mesh data=2,fsdp=4,tensor=1 \
-      [--batch 1024] [--stage pretrain|finetune] [--remat none|block|dots] \
+      [--batch 1024] [--grad-accum 4] [--stage pretrain|finetune] [--remat none|block|dots] \
       [--device-memory-gib 80] [--devices 8] [--json] [--no-compile] [--full-compile] \
       [--config.KEY=VALUE ...]
 
@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiment file[:arg]")
   p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=2,fsdp=4,tensor=1 (unset=1)")
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+  p.add_argument(
+    "--grad-accum",
+    type=int,
+    default=None,
+    help="config.train.grad_accum: micro-batches per update (activations of one live at once)",
+  )
   p.add_argument("--stage", choices=("pretrain", "finetune"), default=None)
   p.add_argument("--remat", choices=REMAT, default=None, help="config.model.remat")
   p.add_argument("--device-memory-gib", type=float, default=80.0, help="budget per device")
@@ -161,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
       f"argument --batch: {a.batch} does not divide over the {mesh[0] * mesh[1]} batch shards "
       f"(data {mesh[0]} x fsdp {mesh[1]}) of --mesh {a.mesh}"
     )
+  if a.grad_accum is not None and a.grad_accum < 1:
+    p.error(f"argument --grad-accum: {a.grad_accum} must be >= 1")
   if a.device_memory_gib <= 0:
     p.error(f"argument --device-memory-gib: {a.device_memory_gib} must be positive")
 
@@ -174,11 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
       old = loading.get_dotted(config, key)
       loading.set_dotted(config, key, _cast(old, raw))
-    except (KeyError, ValueError, SyntaxError) as e:
+    except KeyError as e:  # the full key and the nearest valid one, as iomm-train says it
+      p.error(f"argument --config.{key}: {e.args[0]}")
+    except (ValueError, SyntaxError) as e:
       p.error(f"argument --config.{key}: {e}")
   loading.set_dotted(config, "sharding.mesh", mesh)
   if a.batch is not None:
     config.train.batch_size = a.batch
+  if a.grad_accum is not None:
+    config.train.grad_accum = a.grad_accum
   if a.stage is not None:
     config.stage = a.stage
   if a.remat is not None:

@@ -50,7 +50,7 @@ class Recipe:
   generator: str  # mmdit.MMDIT_VARIANTS name
   optimizer: str  # "adamw" or "muon"
   mask_ratio: float  # r, both stages
-  ema_decay: float  # 0 = no EMA (the ``ema`` tree then equals the parameters)
+  ema_decay: float  # 0 = no EMA: no copy is kept, the parameters stand for it (steps.ema_params)
   pretrain_batch: int  # stage-1 global batch
   pretrain_epochs: float  # stage-1 passes over PRETRAIN_IMAGES
   finetune_batch: dict[int, int]  # stage-2 global batch per resolution (px)

@@ -59,7 +59,11 @@ def velocity_target(x: jax.Array, z: jax.Array) -> jax.Array:
 
 def make_training_pair(rng: jax.Array, x: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
   """Everything the loss needs: noise z, noisy input x_t and target z - x."""
-  z = jax.random.normal(rng, x.shape, jnp.float32)
+  return training_pair(x, jax.random.normal(rng, x.shape, jnp.float32), t)
+
+
+def training_pair(x: jax.Array, z: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
+  """``make_training_pair`` for noise ``z`` drawn beforehand."""
   return {"z": z, "x_t": interpolate(x, z, t), "target": velocity_target(x, z)}
 
 

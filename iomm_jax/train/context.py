@@ -68,7 +68,8 @@ def restore_params(
   workdir: str, boxed_params: Any, which: str = "params", step: int | None = None
 ) -> Any:
   """``params`` (or ``ema``) at ``step`` (default: the latest) of a run in ``workdir``, shaped
-  like the (boxed) template.
+  like the (boxed) template. A run that kept no EMA (``train.ema_decay = 0``) gives its
+  parameters for ``which="ema"``.
 
   The run's optimiser is rebuilt from its ``config.json`` so the saved state can be matched.
   Arrays land directly in their shards on the mesh of ``sharding.placing_on`` (placed by the
@@ -77,16 +78,19 @@ def restore_params(
   checkpointing.find_checkpoint_dir(workdir, "restore")
   cfg = loop.load_workdir_config(workdir)
   optimizer, _ = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-  boxed_state = jax.eval_shape(lambda p: steps.create_state(p, optimizer), boxed_params)
   mesh, rules = sharding.placement() or (sharding.single_device_mesh(), ())
-  target = sharding.abstract_target(
-    boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
-  )
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
     saved = sorted(ckpt.manager.all_steps())
     if step is not None and step not in saved:
       raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; saved steps: {saved}")
+    ema = ckpt.saved_ema(step)  # (ema_decay = 0 runs of older versions saved a copy too)
+    if which == "ema" and not (ema and loop.keeps_ema(cfg)):  # no EMA: its parameters
+      which = "params"
+    boxed_state = jax.eval_shape(lambda p: steps.create_state(p, optimizer, ema), boxed_params)
+    target = sharding.abstract_target(
+      boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
+    )
     state, _ = ckpt.restore(target, step=step)
   finally:
     ckpt.close()

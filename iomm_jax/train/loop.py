@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, optim, sharding
+from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, optim, perf, sharding
 from iomm_jax.configs import loading
 from iomm_jax.train import steps
 
@@ -29,7 +29,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Validates the config (before anything compiles) and records it in ``workdir``.
 
   A workdir that already holds checkpoints of another model config is refused here, before its
-  ``config.json`` is touched.
+  ``config.json`` is touched. ``config.json`` stores the paths the run reads
+  (``loading.PATH_KEYS``: ``model.mllm_from``, ``train.init_from``, ...) absolute, so the workdir
+  loads from any directory; the model check compares no paths, so a resume may pass them
+  relative or absolute.
   """
   loading.validate(config, jax.device_count(), jax.process_count())
   saved = os.path.join(workdir, "config.json")
@@ -38,16 +41,22 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     checkpointing.check_model_signature(previous, config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    checkpointing.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    record = json.loads(config.to_json())
+    loading.absolute_paths(record)
+    checkpointing.save_json(os.path.join(workdir, "config.json"), record)
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (``<workdir>/config.json``)."""
+  """The config a workdir was trained with (``<workdir>/config.json``), its paths found again
+  if they are not where it says (``loading.locate_paths``: relative ones of workdirs written
+  before they were stored absolute, or a moved tree)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir!r} is not an iomm_jax workdir: {path} is missing")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  loading.locate_paths(config, workdir)
+  return config
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, sharding.Rules]:
@@ -77,12 +86,18 @@ class Run:
   mesh: Mesh | None = None
 
 
+def keeps_ema(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run keeps an EMA copy of its parameters (not with ``train.ema_decay = 0``)."""
+  return config.train.ema_decay > 0
+
+
 def abstract_state(
-  init_fn: Callable[[], Any], optimizer, mesh: Mesh, rules: sharding.Rules
+  init_fn: Callable[[], Any], optimizer, mesh: Mesh, rules: sharding.Rules, ema: bool = True
 ) -> tuple[Any, Any]:
   """(boxed abstract train state, its shardings on ``mesh``): ``jax.eval_shape`` of the state
-  that ``init_fn``'s parameters and ``optimizer`` make; nothing is computed or allocated."""
-  boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer))
+  that ``init_fn``'s parameters and ``optimizer`` make (with an EMA copy iff ``ema``); nothing
+  is computed or allocated."""
+  boxed_state = jax.eval_shape(lambda: steps.create_state(init_fn(), optimizer, ema))
   return boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
 
 
@@ -107,15 +122,18 @@ def restore_or_init(
   Returns:
     state, its shardings, the workdir's checkpointer and the step to start from.
   """
-  boxed_state, shardings = abstract_state(init_fn, optimizer, mesh, rules)
+  boxed_state, shardings = abstract_state(init_fn, optimizer, mesh, rules, keeps_ema(config))
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, writer=True)
   if ckpt.latest_step() is not None:  # a checkpoint saved on any mesh restores onto this one
     check = lambda meta: checkpointing.check_model_signature(meta["model"], config, workdir)
-    target = sharding.abstract_target(boxed_state, shardings)
+    saved_ema = ckpt.saved_ema()  # the layout on disk, whatever this config keeps
+    saved_state, saved_sh = abstract_state(init_fn, optimizer, mesh, rules, saved_ema)
+    target = sharding.abstract_target(saved_state, saved_sh)
     state, _ = ckpt.restore(target, data_iter, check_meta=check)  # the newest that restores
+    state = _match_ema(state, keeps_ema(config), shardings)
     print(f"resuming {workdir} at step {int(state.step)}", flush=True)
     return state, shardings, ckpt, int(state.step)
-  create = functools.partial(steps.create_state, optimizer=optimizer)
+  create = functools.partial(steps.create_state, optimizer=optimizer, ema=keeps_ema(config))
   if init_from is not None:
     with sharding.placing_on(mesh, rules):
       params = init_from(jax.eval_shape(init_fn))
@@ -125,12 +143,27 @@ def restore_or_init(
   return state, shardings, ckpt, 0
 
 
+def _match_ema(state: steps.TrainState, ema: bool, shardings: Any) -> steps.TrainState:
+  """``state`` with an EMA copy iff ``ema``: a saved copy this run does not keep is dropped
+  (``train.ema_decay`` set to 0, or a checkpoint of an older version that kept one anyway); a
+  run that now keeps one starts it from the parameters."""
+  if ema == (state.ema is not None):
+    return state
+  if not ema:
+    return state.replace(ema=None)
+  copy = jax.jit(
+    lambda p: jax.tree_util.tree_map(lambda x: x.copy(), p), out_shardings=shardings.ema
+  )
+  return state.replace(ema=copy(state.params))
+
+
 def make_train_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
-  """(optimizer, pure train_step) for ``config.optim`` / ``config.train``; jit it with
-  ``sharding.jit_step``."""
+  """(optimizer, pure train_step) for ``config.optim`` / ``config.train`` (gradient
+  accumulation over ``train.grad_accum`` micro-batches); jit it with ``sharding.jit_step``."""
   optimizer, schedule = optim.make_optimizer(config.optim, num_steps)
+  t = config.train
   step = steps.make_train_step(
-    loss_fn, optimizer, schedule, config.train.ema_decay, config.train.ema_warmup
+    loss_fn, optimizer, schedule, t.ema_decay, t.ema_warmup, t.get("grad_accum", 1)
   )
   return optimizer, step
 
@@ -202,7 +235,13 @@ def run(run_: Run) -> dict[str, float]:
   """
   c, start_step = run_.config, run_.start_step
   total = c.train.num_steps
-  logger = metrics.MetricsLogger(run_.workdir, total, first_step=start_step)
+  logger = metrics.MetricsLogger(
+    run_.workdir,
+    total,
+    first_step=start_step,
+    batch_size=c.train.batch_size,
+    peak_tflops=perf.peak_tflops(jax.devices()[0].device_kind, c.train.get("peak_tflops", 0.0)),
+  )
   mesh = run_.mesh or sharding.single_device_mesh()
   rng = jax.jit(lambda: jax.random.key(c.seed), out_shardings=sharding.replicated(mesh))()
   state, last, prev = run_.state, {}, None
@@ -216,6 +255,8 @@ def run(run_: Run) -> dict[str, float]:
         skipped = (skipped or 0) + int(np.sum(local.pop("data_skipped")))
       batch = sharding.global_batch(local, mesh, c.train.batch_size)
       state, m = run_.train_step(state, batch, run_.frozen, rng)
+      if step == start_step + 1:  # XLA's FLOP count of the step just compiled (cached: free)
+        logger.set_step_flops(perf.step_flops(run_.train_step, state, batch, run_.frozen, rng))
       if prev is not None:  # the previous step's counter: by now (nearly) computed, so reading
         _stop_if_nonfinite(run_, logger, *prev)  # it does not stall the step just dispatched
       prev = (step, m, False)

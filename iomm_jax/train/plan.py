@@ -141,7 +141,7 @@ def plan(
 
   optimizer, step = generator.make_step(config, model, layout.null_ids, layout.null_valid)
   init = generator.init_fn(model, config, layout.cond_len)
-  boxed_state, state_sh = loop.abstract_state(init, optimizer, mesh, rules)
+  boxed_state, state_sh = loop.abstract_state(init, optimizer, mesh, rules, loop.keeps_ema(config))
   frozen_sh = generator.frozen_shardings(model, mesh, rules)
   state = sharding.abstract_target(boxed_state, state_sh)
   frozen = generator.abstract_frozen(model, frozen_sh)
@@ -161,7 +161,7 @@ def plan(
   data, fsdp, tensor = mesh_sizes
   bytes_ = {
     "params": per_device_bytes(state.params),
-    "ema": per_device_bytes(state.ema),
+    "ema": per_device_bytes(state.ema),  # 0 without an EMA copy (train.ema_decay = 0)
     "opt_state": per_device_bytes(state.opt_state),
     "frozen": per_device_bytes(frozen),
     "batch": per_device_bytes(batch),
@@ -184,6 +184,8 @@ def plan(
     "jax": jax.__version__,
     "batch": config.train.batch_size,
     "batch_per_shard": config.train.batch_size // (data * fsdp),
+    "grad_accum": config.train.grad_accum,
+    "micro_batch_per_shard": config.train.batch_size // (data * fsdp) // config.train.grad_accum,
     "cond_len": layout.cond_len,
     "remat": config.model.remat,
     "attention": config.model.attention,
@@ -235,7 +237,12 @@ def format_report(r: dict[str, Any]) -> str:
     f"attention {r['attention']}",
     f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({r['devices']} "
     f"{r['platform']} devices, jax {r['jax']}); global batch {r['batch']} "
-    f"({r['batch_per_shard']} per data x fsdp shard)",
+    f"({r['batch_per_shard']} per data x fsdp shard)"
+    + (
+      f", {r['grad_accum']} micro-batches of {r['micro_batch_per_shard']} per shard"
+      if r["grad_accum"] > 1
+      else ""
+    ),
     "parameters: trainable {:,} ({}), frozen {:,} ({})".format(
       p["trainable_total"],
       ", ".join(f"{k} {v:,}" for k, v in p["trainable"].items()),

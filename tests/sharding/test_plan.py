@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SHAPES = os.path.join(ROOT, "experiments", "shapes", "pretrain.py")
 FIELDS = {
   "stage", "generator", "mllm", "image_size", "mesh", "devices", "platform", "jax", "batch",
-  "batch_per_shard", "cond_len", "remat", "attention", "optimizer", "params", "bytes_per_device",
+  "batch_per_shard", "grad_accum", "micro_batch_per_shard", "cond_len", "remat", "attention",
+  "optimizer", "params", "bytes_per_device",
   "xla", "total_per_device", "budget_bytes", "fits", "compile_s", "notes", "config",
 }  # fmt: skip
 BYTES = {"params", "ema", "opt_state", "frozen", "batch", "state_and_inputs"}

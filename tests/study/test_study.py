@@ -172,3 +172,21 @@ def test_question_1_miniature(tmp_path):
   assert not os.path.exists(os.path.join(root, "q2r"))
   with pytest.raises(ValueError, match="needs an image-only stage 1"):
     study.run_question("q2r", q1.ARMS[3:4], [0], quick, root, metric="reconstruction")
+
+
+def test_a_run_that_stored_its_paths_absolute_is_the_same_run(tmp_path, monkeypatch):
+  """Workdirs store their paths absolute (loop.prepare_workdir); the study asks with relative
+  ones (its --root): still the same run."""
+  monkeypatch.chdir(tmp_path)
+  scale = study.SCALES["quick"]
+  overrides = {"model.mllm_from": "runs/study/mllm", "train.init_from": "runs/study/pretrain/x"}
+  defaults = study._config("finetune", scale, scale.finetune_steps, {})
+  want = study._config("finetune", scale, scale.finetune_steps, overrides)
+  other = tmp_path / "runs" / "study" / "q1" / "arm_x-s0"
+  (other / "checkpoints" / str(want.train.num_steps)).mkdir(parents=True)
+  saved = json.loads(want.to_json())
+  saved["model"]["mllm_from"] = str(tmp_path / "runs" / "study" / "mllm")
+  saved["train"]["init_from"] = str(tmp_path / "runs" / "study" / "pretrain" / "x")
+  (other / "config.json").write_text(json.dumps(saved))
+  wd = "runs/study/q2/arm_y-s0"
+  assert study._same_run("runs/study", wd, want, defaults) == "runs/study/q1/arm_x-s0"
