@@ -1,21 +1,36 @@
-"""Loading a trained generator workdir and sampling it (shared by iomm-sample and iomm-demo)."""
+"""Loading a trained generator workdir and sampling it (shared by iomm-sample, iomm-eval and
+iomm-demo).
+
+With a ``mesh`` (``sharding.sampling_mesh()``: every device of every process) the parameters
+are loaded replicated onto it and ``sample`` gives each device its own ``batch_size`` rows per
+call (``generate.generate``), with images byte-identical to a one-device run's.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from iomm_jax import generate
+from iomm_jax import generate, sharding
 from iomm_jax.models import iomm
 from iomm_jax.train import context, loop
 
 
 def load_generator(
-  workdir: str, use_ema: bool = True, step: int | None = None, max_text_len: int | None = None
+  workdir: str,
+  use_ema: bool = True,
+  step: int | None = None,
+  max_text_len: int | None = None,
+  mesh: Mesh | None = None,
 ):
   """(config, GenerationContext, trainable params) of a trained generator workdir, at its
   checkpoint ``step`` (default: the latest). ``max_text_len`` raises the prompt token limit the
-  run was trained with (long benchmark prompts; no parameter depends on it)."""
+  run was trained with (long benchmark prompts; no parameter depends on it). With ``mesh``,
+  every parameter (trainable and frozen) is replicated on all of its devices (checkpoints are
+  restored straight into place); else it is on this process's first device."""
   config = loop.load_workdir_config(workdir)
   if max_text_len is not None:
     if max_text_len < 1:
@@ -25,9 +40,15 @@ def load_generator(
     raise ValueError(
       f"{workdir!r} is a {config.stage!r} run; sample from a stage-1 or stage-2 workdir"
     )
-  ctx = context.build(config)
-  boxed = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
-  params = context.restore_params(workdir, boxed, which="ema" if use_ema else "params", step=step)
+  # no rules: every logical axis maps to no mesh axis, i.e. each array is replicated
+  with sharding.placing_on(mesh, ()) if mesh is not None else contextlib.nullcontext():
+    ctx = context.build(config)
+    boxed = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
+    which = "ema" if use_ema else "params"
+    params = context.restore_params(workdir, boxed, which=which, step=step)
+  if mesh is not None:  # seeded inits and imported weights were made on one device
+    rep = sharding.replicated(mesh)
+    ctx.frozen = sharding.place(ctx.frozen, jax.tree.map(lambda _: rep, ctx.frozen))
   return config, ctx, params
 
 
@@ -41,18 +62,22 @@ def sample(
   steps: int | None = None,
   cfg: float | None = None,
   solver: str | None = None,
+  batch_size: int = 32,
+  mesh: Mesh | None = None,
   **condition,
 ) -> np.ndarray:
   """uint8 images, one per condition row, with ``config.sample``'s settings unless overridden;
   ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows). ``seed``: an int,
-  or one PRNG key per row (``generate.generate``'s per-row noise)."""
+  or one PRNG key per row (``generate.generate``'s per-row noise). ``batch_size`` rows per call
+  on each device; ``mesh``: the devices to split the calls over (``generate.generate``)."""
   s = config.sample
   null_ids, null_valid = ctx.conditioner.null_condition()
   return generate.generate(
     ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid,
     jax.random.key(seed) if isinstance(seed, int) else seed,
     num_steps=steps or s.num_steps, solver=solver or s.solver,
-    cfg_scale=s.cfg_scale if cfg is None else cfg, shift=s.shift, **condition,
+    cfg_scale=s.cfg_scale if cfg is None else cfg, shift=s.shift, batch_size=batch_size,
+    mesh=mesh, **condition,
   )  # fmt: skip
 
 

@@ -82,6 +82,14 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   )
 
 
+def sampling_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+  """A data-parallel (n, 1, 1) mesh over ``devices`` (default: all devices of all processes),
+  for sampling: parameters replicated, each device generating its own rows
+  (``generate.generate(..., mesh=...)``)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices).reshape(len(devices), 1, 1), MESH_AXES)
+
+
 def single_device_mesh(device: Any | None = None) -> Mesh:
   """A (1, 1, 1) mesh on ``device`` (default: this process's first device)."""
   device = jax.local_devices()[0] if device is None else device

@@ -1,7 +1,7 @@
 """``iomm-eval``: the shapes-world GenEval of a trained generator workdir.
 
   iomm-eval --workdir W [--step N] [--per_category 64] [--seed 0] [--cfg 3] [--steps 20]
-      [--no-ema]
+      [--batch 32] [--no-ema]
 
 Generates ``--per_category`` images per GenEval category from the world's held-out prompts and
 scores them with the deterministic detector (``shapes_geneval.evaluate``: the same protocol as
@@ -10,6 +10,13 @@ score), then writes ``W/eval/shapes_geneval.json`` (``{"overall", "overall_se", 
 "category_se", "empty", "num_images", "step", ...}``) and ``W/eval/shapes_geneval_failures.png``
 (failed images, one row per prompt); prints the table. Sampler settings default to the
 workdir's config.
+
+The images are generated on every device of every process (``sharding.sampling_mesh``;
+parameters replicated), ``--batch`` per device per sampler call; they, and so the report, are
+byte-identical to a one-device run's with the same ``--batch``. Several processes: start the same
+command in each with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or
+``$IOMM_COORDINATOR``, ``$IOMM_NUM_PROCESSES``, ``$IOMM_PROCESS_ID``; SLURM ``srun`` needs
+none); every process scores the gathered images, process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import app, flags, logging
+from jax.sharding import Mesh
 from PIL import Image
 
-from iomm_jax import checkpointing, inference, runtime
-from iomm_jax.cli import absl_argv
+from iomm_jax import checkpointing, cli, inference, runtime, sharding
+from iomm_jax.data import pipeline
 from iomm_jax.eval import shapes_geneval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
@@ -33,6 +42,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _CFG = flags.DEFINE_float("cfg", None, "guidance scale (default: the workdir's config)")
 _STEPS = flags.DEFINE_integer("steps", None, "ODE steps (default: the workdir's config)")
 _EMA = flags.DEFINE_bool("ema", True, "use the EMA parameters")
+_BATCH = flags.DEFINE_integer(
+  "batch", 32, "images per device per sampler call (x the devices of all processes per call)"
+)
+_JOIN = cli.define_distributed_flags()
 
 
 def run(
@@ -43,22 +56,41 @@ def run(
   cfg: float | None = None,
   steps: int | None = None,
   use_ema: bool = True,
+  batch: int = 32,
+  mesh: Mesh | None = None,
 ) -> dict:
-  """Evaluates ``workdir`` and writes its eval files; returns the JSON report."""
+  """Evaluates ``workdir`` on ``mesh`` (default: every device, ``sharding.sampling_mesh``) and
+  writes its eval files (process 0); returns the JSON report (on every process)."""
   if per_category < 1:
     raise ValueError(f"--per_category must be >= 1, got {per_category}")
+  if batch < 1:
+    raise ValueError(f"--batch must be >= 1, got {batch}")
   if step is None:  # record which checkpoint was scored
     saved = checkpointing.saved_steps(workdir)
     step = saved[-1] if saved else None
-  config, ctx, params = inference.load_generator(workdir, use_ema, step)
+  mesh = sharding.sampling_mesh() if mesh is None else mesh
+  config, ctx, params = inference.load_generator(workdir, use_ema, step, mesh=mesh)
+  world = pipeline.world_from_config(config)
+  prompts = [m["prompt"] for m in shapes_geneval.select_prompts(world, per_category)]
+  cli.warn_unknown_words("iomm-eval", ctx.tokenizer, prompts)
   config.unlock()
   if cfg is not None:
     config.sample.cfg_scale = cfg
   if steps is not None:
     config.sample.num_steps = steps
   config.lock()
-  ev = shapes_geneval.evaluate(config, ctx, params, per_category=per_category, seed=seed)
+  ev = shapes_geneval.evaluate(
+    config, ctx, params, per_category=per_category, seed=seed, batch_size=batch, mesh=mesh
+  )
   report = {**ev.report, "step": step, "weights": "ema" if use_ema else "params"}
+  if jax.process_index() == 0:
+    _write(workdir, report, ev)
+  runtime.barrier("iomm_jax eval files written")  # every process returns after the files
+  return report
+
+
+def _write(workdir: str, report: dict, ev: shapes_geneval.Evaluation) -> None:
+  """``W/eval/shapes_geneval.json`` and the failure grid (or no stale one)."""
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   checkpointing.save_json(os.path.join(out, "shapes_geneval.json"), report)
@@ -70,24 +102,29 @@ def run(
     os.replace(tmp, png)
   elif os.path.exists(png):  # a stale grid from an earlier, worse checkpoint
     os.remove(png)
-  return report
 
 
 def _main(argv):
   del argv
+  for flag, value in (("--per_category", _NUM.value), ("--batch", _BATCH.value)):
+    if value < 1:
+      raise app.UsageError(f"{flag} must be >= 1, got {value}")
+  _JOIN()  # a multi-process run: before anything touches a backend
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   runtime.enable_compilation_cache()
   report = run(
-    _WORKDIR.value, _STEP.value, _NUM.value, _SEED.value, _CFG.value, _STEPS.value, _EMA.value
-  )
+    _WORKDIR.value, _STEP.value, _NUM.value, _SEED.value, _CFG.value, _STEPS.value, _EMA.value,
+    _BATCH.value,
+  )  # fmt: skip
   print(shapes_geneval.markdown_table({f"{_WORKDIR.value} @ {report['step']}": report}))
-  print(f"wrote {os.path.join(_WORKDIR.value, 'eval', 'shapes_geneval.json')}")
+  if jax.process_index() == 0:
+    print(f"wrote {os.path.join(_WORKDIR.value, 'eval', 'shapes_geneval.json')}")
   print(json.dumps(report))
 
 
 def main():
-  flags.mark_flags_as_required(["workdir"])
-  app.run(_main, argv=absl_argv())
+  """Entry point of ``iomm-eval``."""
+  cli.run(_main, "iomm-eval", __name__, required=["workdir"])
 
 
 if __name__ == "__main__":

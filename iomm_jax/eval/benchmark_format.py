@@ -12,8 +12,16 @@ Layouts (``outdir`` = D):
     folder of them); writes ``D/<prompt_id>.png``, one image per prompt.
 
 Every image's noise comes from ``(seed, prompt index, sample index)`` alone, so an interrupted
-run resumed later (existing images are skipped) gives the same images as one uninterrupted run.
-Files are written to a temporary name and renamed, so a crash never leaves half an image.
+run resumed later (existing images are skipped) gives the same images as one uninterrupted run
+(byte for byte with the same ``batch``: a sampler call of another batch shape may round a float
+differently, which can move a pixel by one level). Files are written to a temporary name and
+renamed, so a crash never leaves half an image.
+
+Several devices and processes (``generate(..., num_devices=n)``): each call hands ``batch``
+images to each of the ``n`` devices (``generate.generate`` with a mesh), so the images are those
+of a one-device run with the same ``batch``. Process 0 decides what is missing (its view of the
+output folder is broadcast, so only it needs to see the folder) and writes every file, after
+each call's images are gathered; the other processes only compute.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from iomm_jax import metrics
+from iomm_jax import metrics, runtime
 
 FORMATS = ("geneval", "wise", "dpg")
 
@@ -234,6 +242,23 @@ def sample_keys(seed: int, items_and_samples: list[tuple[Item, int]]):
   )
 
 
+def _agreed_pending(writer: Writer, items: list[Item]) -> list[tuple[Item, list[int]]]:
+  """``writer.pending(items)`` as process 0 sees it, on every process (one process: its own)."""
+  if jax.process_count() == 1:
+    return writer.pending(items)
+  from jax.experimental import multihost_utils
+
+  missing = np.zeros((len(items), writer.n), np.bool_)
+  if jax.process_index() == 0:
+    pos = {item.key: i for i, item in enumerate(items)}
+    for item, js in writer.pending(items):
+      missing[pos[item.key], js] = True
+  missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+  return [
+    (item, [int(j) for j in np.flatnonzero(row)]) for item, row in zip(items, missing) if row.any()
+  ]
+
+
 def generate(
   sample_fn: Callable[[list[str], object], np.ndarray],
   items: list[Item],
@@ -241,27 +266,44 @@ def generate(
   seed: int,
   batch: int,
   progress: bool = True,
+  num_devices: int = 1,
 ) -> dict[str, int]:
   """Generates every missing unit of ``items`` with ``sample_fn(prompts, keys) -> uint8
-  images`` in batches of ``batch`` images and writes them; returns counts of prompts done
-  before and now, and images generated."""
+  images`` in calls of ``batch`` images per device (``batch * num_devices`` per call; the
+  images on every process) and writes them (process 0); returns counts of prompts done before
+  and now, images generated, and images this process wrote (each is written once, by process
+  0). Every process must call it with the same arguments."""
   if batch < 1:
     raise ValueError(f"--batch must be >= 1, got {batch}")
-  pending = writer.pending(items)
+  if num_devices < 1:
+    raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+  writes = jax.process_index() == 0
+  pending = _agreed_pending(writer, items)
   total = sum(len(js) for _, js in pending)
-  bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{writer.fmt} -> {writer.outdir}")
+  bar = tqdm(
+    total=total,
+    unit="img",
+    disable=not (progress and writes),
+    desc=f"{writer.fmt} -> {writer.outdir}",
+  )
   buffers: dict[str, dict[int, np.ndarray]] = {}
-  for chunk in jobs(pending, batch):
+  written = 0
+  for chunk in jobs(pending, batch * num_devices):
     keys = sample_keys(seed, [(it, j) for it, j, _ in chunk])
     images = sample_fn([it.prompt for it, _, _ in chunk], keys)
     for (item, j, last), img in zip(chunk, images, strict=True):
       buffers.setdefault(item.key, {})[j] = img
       if last:
-        writer.write(item, buffers.pop(item.key))
+        unit = buffers.pop(item.key)
+        if writes:
+          writer.write(item, unit)
+          written += len(unit)
     bar.update(len(chunk))
   bar.close()
+  runtime.barrier("iomm_jax benchmark files written")  # every process returns after the files
   return {
     "prompts": len(items),
     "skipped_prompts": len(items) - len(pending),
     "generated_images": total,
+    "written_images": written,
   }

@@ -12,7 +12,9 @@ checkpoint has one score whoever computes it (``iomm-eval``, ``iomm-demo``, the 
 * image i's noise comes from its own key, ``fold_in(key(seed), i)``, so an image does not depend
   on the batch it was generated in;
 * the sampler settings of the run's ``config.sample`` (steps, solver, guidance, shift) and its
-  EMA weights, unless the caller overrides them;
+  EMA weights, unless the caller overrides them; ``batch_size`` images per sampler call on each
+  device of ``mesh`` (default: one device), byte-identical on any number of devices and
+  processes (``generate.generate``);
 * overall = the mean over categories (GenEval's weighting), with its standard error, each
   category's standard error, and the share of empty images (the detector finds no object).
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from iomm_jax import inference, metrics
 from iomm_jax.data import pipeline, shapes
@@ -102,13 +105,20 @@ def evaluate(
   per_category: int = PER_CATEGORY,
   seed: int = 0,
   metas: list[dict[str, Any]] | None = None,
+  batch_size: int = 32,
+  mesh: Mesh | None = None,
 ) -> Evaluation:
   """Generates and scores the evaluation images of a loaded generator (``inference``);
-  ``metas`` replaces the held-out selection (e.g. ``scored_samples``' rows)."""
+  ``metas`` replaces the held-out selection (e.g. ``scored_samples``' rows). ``batch_size``
+  images per call on each device of ``mesh`` (``sharding.sampling_mesh``: every device of every
+  process, each process then scoring all the gathered images; None: this process's first)."""
   world = pipeline.world_from_config(config)
   metas = select_prompts(world, per_category) if metas is None else metas
   keys = image_keys(seed, len(metas))
-  images = inference.sample_prompts(config, ctx, params, [m["prompt"] for m in metas], keys)
+  prompts = [m["prompt"] for m in metas]
+  images = inference.sample_prompts(
+    config, ctx, params, prompts, keys, batch_size=batch_size, mesh=mesh
+  )
   scored = score_images(images, metas, world)
   s = config.sample
   scored["report"].update(

@@ -114,7 +114,9 @@ def test_geneval_layout_and_resume(geneval_file, tmp_path):
   out = str(tmp_path / "geneval")
   w = bf.Writer("geneval", out, 4)
   counts = bf.generate(fake_sample, items, w, seed=0, batch=5, progress=False)
-  assert counts == {"prompts": 3, "skipped_prompts": 0, "generated_images": 12}
+  assert counts == {
+    "prompts": 3, "skipped_prompts": 0, "generated_images": 12, "written_images": 12
+  }  # fmt: skip
   for it in items:
     folder = os.path.join(out, it.key)
     with open(os.path.join(folder, "metadata.jsonl")) as f:
@@ -131,7 +133,9 @@ def test_geneval_layout_and_resume(geneval_file, tmp_path):
   for p in first:
     os.remove(os.path.join(out, p))
   counts = bf.generate(fake_sample, items, w, seed=0, batch=3, progress=False)
-  assert counts == {"prompts": 3, "skipped_prompts": 1, "generated_images": 2}
+  assert counts == {
+    "prompts": 3, "skipped_prompts": 1, "generated_images": 2, "written_images": 2
+  }  # fmt: skip
   for p, data in first.items():
     assert open(os.path.join(out, p), "rb").read() == data
   assert (

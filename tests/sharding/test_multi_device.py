@@ -31,10 +31,10 @@ def worker_env() -> dict[str, str]:
   return env
 
 
-def start(*args: str) -> subprocess.Popen:
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
   return subprocess.Popen(
     [sys.executable, WORKER, *args],
-    env=worker_env(),
+    env=worker_env() if env is None else env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,

@@ -10,6 +10,9 @@ checkpoint) and writes ``params.npz`` (path -> array) and ``specs.json`` (path -
 there (from process 0), and ``result_<process>_<start step>.json`` (last metrics). Multi-process:
 ``--coordinator ADDR --num_processes N --process_id I``; the results then also hold a digest of
 every training image the process read.
+
+``--sample NAME --prompts FILE [--batch B]`` (after the runs, if any): samples run NAME on every
+device of every process as ``iomm-sample`` and ``iomm-eval`` do (see ``sample``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--samples", action="store_true", help="keep the end-of-run sample grid")
-  p.add_argument("runs", nargs="+")
+  p.add_argument("--sample", default="", help="a run to sample on every device (see sample())")
+  p.add_argument("--prompts", default="", help="--sample: a GenEval evaluation_metadata.jsonl")
+  p.add_argument("--batch", type=int, default=2, help="--sample: images per device per call")
+  p.add_argument("runs", nargs="*")
   return p.parse_args(argv)
 
 
@@ -57,6 +63,8 @@ def main(argv=None) -> None:
   runtime.enable_compilation_cache()
   for spec in a.runs:
     train(spec, a)
+  if a.sample:
+    sample(a.sample, a)
 
 
 def _workdir(name: str, a: argparse.Namespace) -> str:
@@ -123,6 +131,102 @@ def train(spec: str, a: argparse.Namespace) -> None:
     specs["frozen"] = spec(run.frozen) if run.frozen is not None else {}
     with open(os.path.join(wd, "specs.json"), "w") as f:
       json.dump(specs, f)
+
+
+def sample(name: str, a: argparse.Namespace) -> None:
+  """Run ``name`` sampled on ``sharding.sampling_mesh()`` (every device of every process):
+
+  * the GenEval layout of ``--prompts`` (3 images per prompt) in ``DIR/geneval``, as
+    ``iomm-sample --prompts-file ... --format geneval`` makes it, in two parts: the first 2
+    prompts, then all of them (resuming: the first 2 are skipped);
+  * ``iomm-eval``'s ``run`` (2 images per category) on a copy of the workdir
+    (``DIR/eval_workdir``, so parallel workers do not share its eval files), its images saved
+    as ``DIR/eval_images.npz``.
+
+  Writes ``DIR/sample_<process>.json``: each part's counts, the report, device and process
+  counts (files other than these only from process 0, as the commands write them), and with one
+  process on several devices ``float_gap`` (``_float_gap``).
+  """
+  import shutil
+
+  import jax
+  import numpy as np
+
+  from iomm_jax import inference, runtime, sharding
+  from iomm_jax.cli import evaluate
+  from iomm_jax.eval import benchmark_format, shapes_geneval
+
+  src, pid = _workdir(name, a), jax.process_index()
+  wd = os.path.join(a.out, "eval_workdir")
+  if pid == 0 and not os.path.isdir(wd):
+    shutil.copytree(src, wd)
+  runtime.barrier("worker copied the workdir")
+  mesh = sharding.sampling_mesh()
+  config, ctx, params = inference.load_generator(src, mesh=mesh)
+  items = benchmark_format.read_prompts(a.prompts, "geneval")
+  writer = benchmark_format.Writer("geneval", os.path.join(a.out, "geneval"), 3)
+  fn = lambda prompts, keys: inference.sample_prompts(
+    config, ctx, params, prompts, keys, batch_size=a.batch, mesh=mesh
+  )
+  counts = [
+    benchmark_format.generate(fn, part, writer, 0, a.batch, False, mesh.size)
+    for part in (items[:2], items)
+  ]
+  seen = {}
+  evaluate_images = shapes_geneval.evaluate
+
+  def keep_images(*args, **kw):  # the images iomm-eval scores, to compare them too
+    seen["ev"] = evaluate_images(*args, **kw)
+    return seen["ev"]
+
+  shapes_geneval.evaluate = keep_images
+  report = evaluate.run(wd, per_category=2, batch=a.batch, mesh=mesh)
+  if pid == 0:
+    np.savez(os.path.join(a.out, "eval_images.npz"), images=seen["ev"].images)
+  result = {
+    "counts": counts,
+    "report": report,
+    "devices": jax.device_count(),
+    "process_count": jax.process_count(),
+  }
+  if jax.process_count() == 1 and jax.device_count() > 1:
+    prompts = [m["prompt"] for m in seen["ev"].metas]
+    result["float_gap"] = _float_gap(config, ctx, params, prompts, mesh, a.batch)
+  with open(os.path.join(a.out, f"sample_{pid}.json"), "w") as f:
+    json.dump(result, f)
+
+
+def _float_gap(config, ctx, params, prompts, mesh, batch: int) -> float:
+  """The largest |difference| between the float images (before rounding to uint8) of
+  ``prompts`` generated on ``mesh`` and on one device: 0.0 when splitting over devices leaves
+  the numerics alone, not only the rounded pixels."""
+  import jax
+  import numpy as np
+
+  from iomm_jax import generate, inference
+  from iomm_jax.eval import shapes_geneval
+  from iomm_jax.models import codec
+
+  rounding = codec.unit_to_images
+
+  def retrace():  # the compiled samplers round; trace them again
+    jax.clear_caches()
+    generate._sharded_sampler.cache_clear()
+
+  codec.unit_to_images, keys = (lambda x: x), shapes_geneval.image_keys(0, len(prompts))
+  retrace()
+  try:
+    on_mesh = inference.sample_prompts(
+      config, ctx, params, prompts, keys, batch_size=batch, mesh=mesh
+    )
+    one = jax.devices()[0]
+    ctx.frozen, params = jax.device_put((ctx.frozen, params), one)
+    alone = inference.sample_prompts(config, ctx, params, prompts, keys, batch_size=batch)
+  finally:
+    codec.unit_to_images = rounding
+    retrace()
+  assert on_mesh.dtype == alone.dtype == np.float32
+  return float(np.abs(on_mesh - alone).max())
 
 
 def _key(path) -> str:
