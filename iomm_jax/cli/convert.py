@@ -3,7 +3,7 @@
   iomm-convert import-internvl --hf-dir DIR --out CKPT [--dtype float32|bfloat16]
       [--tokenizer-dir DIR]
   iomm-convert import-vae --diffusers-dir DIR --out CKPT [--dtype float32|bfloat16]
-  iomm-convert export-torch --workdir W [--step N] [--ema] --out DIR [--dtype ...]
+  iomm-convert export-torch --workdir W [--step N] [--no-ema] --out DIR [--dtype ...]
 
 * ``import-internvl``: an InternVL3 checkpoint in transformers' format (``config.json`` +
   ``*.safetensors`` + ``tokenizer.json``, e.g. InternVL3-2B-hf) -> a directory that
@@ -15,7 +15,10 @@
   ``FluxTransformer2DModel``), ``DIR/adapter.safetensors`` + ``DIR/connector.safetensors`` +
   ``DIR/iomm.json`` (loaded by ``iomm_jax.torch_port``), ``DIR/mllm`` (the frozen MLLM as a
   transformers InternVL directory) and, for the VAE codec, ``DIR/vae``. In PyTorch:
-  ``iomm_jax.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``.
+  ``iomm_jax.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``. It exports the EMA
+  weights, as ``iomm-sample`` and ``iomm-eval`` sample them by default (``--no-ema``: the raw
+  parameters, as ``iomm-sample --no-ema``; a run without an EMA copy, ``train.ema_decay=0``,
+  gives its parameters either way); ``DIR/source.json`` records which.
 
 Only safetensors are read; errors name the file, parameter and shapes at fault.
 """
@@ -45,16 +48,23 @@ def _parser() -> argparse.ArgumentParser:
   e = sub.add_parser("export-torch", help="trained workdir -> diffusers + PyTorch directory")
   e.add_argument("--workdir", required=True, help="a stage-1 or stage-2 workdir")
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  e.add_argument("--ema", action="store_true", help="export the EMA weights (default: params)")
+  e.add_argument(
+    "--ema",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="export the EMA weights, the ones iomm-sample and iomm-eval use by default (default: "
+    "on; --no-ema exports the raw parameters, as iomm-sample --no-ema samples them)",
+  )
   e.add_argument("--out", required=True, help="output directory")
   e.add_argument("--dtype", default=None, choices=DTYPES, help="storage dtype (default: as is)")
   return p
 
 
 def export_torch(
-  workdir: str, out: str, step: int | None = None, ema: bool = False, dtype: str | None = None
+  workdir: str, out: str, step: int | None = None, ema: bool = True, dtype: str | None = None
 ) -> dict:
-  """Exports a trained workdir (see the module docstring); returns ``iomm.json``'s contents."""
+  """Exports a trained workdir (see the module docstring), its EMA weights unless ``ema`` is
+  False (``inference.load_generator``'s default); returns ``iomm.json``'s contents."""
   from iomm_jax import checkpointing, inference
   from iomm_jax.convert import flux
 
@@ -63,13 +73,14 @@ def export_torch(
     step = saved[-1] if saved else None
   if os.path.abspath(out) == os.path.abspath(workdir):
     raise ValueError(f"--out {out!r} must not be the workdir")
-  _, ctx, params = inference.load_generator(workdir, use_ema=ema, step=step)
+  config, ctx, params = inference.load_generator(workdir, use_ema=ema, step=step)
   meta = flux.export_generator(ctx.model, params, out, frozen=ctx.frozen, dtype=dtype)
-  provenance = {
-    "workdir": os.path.abspath(workdir),
-    "step": step,
-    "weights": "ema" if ema else "params",
-  }
+  kept_ema = checkpointing.Checkpointer(workdir, async_save=False)
+  try:  # a run with ema_decay = 0 keeps no EMA: its parameters stand for it
+    weights = "ema" if ema and config.train.ema_decay > 0 and kept_ema.saved_ema(step) else "params"
+  finally:
+    kept_ema.close()
+  provenance = {"workdir": os.path.abspath(workdir), "step": step, "weights": weights}
   with open(os.path.join(out, "source.json"), "w") as f:
     json.dump(provenance, f, indent=2)
   return meta

@@ -15,12 +15,12 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
 
 import iomm_jax
 from iomm_jax import checkpointing, inference, metrics, runtime
-from iomm_jax.cli import absl_argv, exit_on_preemption
+from iomm_jax.cli import exit_on_preemption, run
 from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_geneval
 from iomm_jax.train import finetune, mllm, pretrain
@@ -140,7 +140,8 @@ def _main(argv):
 
 
 def main():
-  app.run(_main, argv=absl_argv())
+  """Entry point of ``iomm-demo``."""
+  run(_main, "iomm-demo", __name__)
 
 
 if __name__ == "__main__":

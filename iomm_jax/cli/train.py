@@ -3,7 +3,9 @@
   iomm-train --config experiments/shapes/pretrain.py[:arg] --workdir W [--config.optim.lr=3e-4]
 
 The stage is ``config.stage``; re-running the same command resumes from the workdir. Exit
-status: 0 when the run is finished, 75 when SIGTERM stopped it (after saving a checkpoint).
+status: 0 when the run is finished, 75 when SIGTERM stopped it (after saving a checkpoint), 2
+when ``config.data.features`` cannot serve the run (the message names the key and both values)
+or a flag or ``--config.KEY`` is bad (one line naming it, with the nearest valid key).
 Multi-process (one process per host, or several on one machine): add
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` to each process's command
 (or set ``$IOMM_COORDINATOR``, ``$IOMM_NUM_PROCESSES``, ``$IOMM_PROCESS_ID``); under SLURM
@@ -12,12 +14,14 @@ Multi-process (one process per host, or several on one machine): add
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iomm_jax import runtime
-from iomm_jax.cli import absl_argv, exit_on_preemption
-from iomm_jax.train import finetune, mllm, pretrain
+from iomm_jax.cli import exit_on_preemption, run
+from iomm_jax.train import cache, finetune, mllm, pretrain
 
 LOOPS = {
   "mllm": mllm.train_and_evaluate,
@@ -49,12 +53,16 @@ def _main(argv):
   if config.stage not in LOOPS:
     raise app.UsageError(f"config.stage={config.stage!r} unknown; choose from {sorted(LOOPS)}")
   with exit_on_preemption():
-    LOOPS[config.stage](config, _WORKDIR.value)
+    try:
+      LOOPS[config.stage](config, _WORKDIR.value)
+    except cache.FeaturesError as e:  # config.data.features unusable: one line, no traceback
+      print(f"iomm-train: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
 
 
 def main():
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main, argv=absl_argv())
+  """Entry point of ``iomm-train``."""
+  run(_main, "iomm-train", __name__, required=["config", "workdir"])
 
 
 if __name__ == "__main__":

@@ -335,6 +335,18 @@ class HFTokenizer:
     """The token string of id ``i`` (byte-level BPE: bytes shown as printable characters)."""
     return self._tok.id_to_token(int(i))
 
+  def unknown_words(self, text: str) -> list[str]:
+    """The words of ``text`` (whitespace-separated, each once) whose encoding holds
+    ``unk_token``. Byte-level BPE (InternVL3's Qwen2 tokenizer) encodes any text into known
+    tokens, and the MLLM learnt its subword splits on a web-scale corpus, so for it nothing is
+    out of vocabulary (unlike ``data.tokenizer.Tokenizer.unknown_words``, which also counts words
+    broken into single characters); a tokenizer with an ``unk_token`` it can produce reports the
+    words that hit it."""
+    unk = self.unk_id
+    if unk is None:
+      return []
+    return [w for w in dict.fromkeys(text.split()) if unk in self.encode(w, bos=False)]
+
   # --------------------------------------------------------------------------- chat
 
   @property

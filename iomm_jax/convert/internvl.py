@@ -415,8 +415,10 @@ def _match_named(
   names: Mapping[str, str],
   what: str,
   dtype: Any,
+  describe: tensors.Describe | None = None,
 ) -> dict[str, Any]:
-  """``tensors.match`` with the file keys of missing / unexpected params named as well."""
+  """``tensors.match`` with the file keys of missing / unexpected params named as well (and
+  shape mismatches worded by ``describe``)."""
   want = tensors.flatten(template)
   unexpected = sorted(set(loaded) - set(want))
   missing = sorted(set(want) - set(loaded))
@@ -433,7 +435,7 @@ def _match_named(
     )
   if problems:
     raise ConversionError(f"{what}: " + " | ".join(problems))
-  return tensors.match(template, loaded, what, dtype=dtype)
+  return tensors.match(template, loaded, what, dtype=dtype, describe=describe)
 
 
 def _dtype(name: str) -> Any:
@@ -456,7 +458,8 @@ def read_hf(hf_dir: str, dtype: str = "float32") -> tuple[MLLMConfig, dict[str, 
   if cfg.get("format") == FORMAT:
     raise ConversionError(f"{hf_dir!r} is already an imported directory (use load_internvl)")
   config = mllm_config_from_hf(cfg)
-  raw = tensors.read(hf_dir, "InternVL checkpoint")
+  origins: dict[str, str] = {}
+  raw = tensors.read(hf_dir, "InternVL checkpoint", origins)
   loaded: dict[str, np.ndarray] = {}
   names: dict[str, str] = {}
   for key, value in raw.items():
@@ -476,7 +479,9 @@ def read_hf(hf_dir: str, dtype: str = "float32") -> tuple[MLLMConfig, dict[str, 
         config, text=dataclasses.replace(config.text, tie_word_embeddings=False)
       )
   template = abstract_params(config)
-  return config, _match_named(template, loaded, names, f"InternVL checkpoint {hf_dir!r}", np_dtype)
+  describe = tensors.file_mismatch(names, raw, origins, _to_hf)  # the file's key, shape, layout
+  what = f"InternVL checkpoint {hf_dir!r}"
+  return config, _match_named(template, loaded, names, what, np_dtype, describe)
 
 
 def _write_config(out_dir: str, payload: dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ needed here.
 
 ``match(template, loaded, what)`` is the one place that turns a converted flat dict into a
 parameter tree and reports what does not fit: a missing key, an unexpected key, or a shape
-mismatch names the parameter and both shapes.
+mismatch names the parameter and both shapes. An importer whose file keys and layout differ from
+ours passes ``describe=file_mismatch(...)``, so a mismatch names the file's key, the file and its
+shape there, and the shape the model expects in the file's layout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,14 +66,19 @@ def safetensors_files(path: str, what: str = "checkpoint") -> list[str]:
   return files
 
 
-def read(path: str, what: str = "checkpoint") -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors checkpoint (file or directory), key -> numpy array."""
+def read(
+  path: str, what: str = "checkpoint", origins: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+  """Every tensor of a safetensors checkpoint (file or directory), key -> numpy array;
+  ``origins``, if given, is filled with key -> the name of the file that holds it."""
   out: dict[str, np.ndarray] = {}
   for file in safetensors_files(path, what):
     for key, value in load_file(file).items():
       if key in out:
         raise ConversionError(f"{what} {path!r}: key {key!r} appears in more than one shard")
       out[key] = value
+      if origins is not None:
+        origins[key] = os.path.basename(file)
   return out
 
 
@@ -119,21 +126,54 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
   return out
 
 
+Describe = Callable[[str, tuple[int, ...], tuple[int, ...]], str]
+
+
+def file_mismatch(
+  keys: Mapping[str, str],
+  raw: Mapping[str, np.ndarray],
+  origins: Mapping[str, str],
+  to_file: Callable[[str, np.ndarray], np.ndarray],
+) -> Describe:
+  """A ``match`` ``describe`` for an importer: our path -> "``'file.key'`` in FILE has shape S;
+  the model expects E (our path: W in our layout, G given)", where ``keys`` maps our paths to
+  the file's keys, ``raw`` holds the file's arrays, ``origins`` their files (``read``) and
+  ``to_file(path, array)`` turns our layout into the file's (E is computed from shapes alone)."""
+
+  def describe(path: str, want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    """The mismatch of our ``path`` (expected ``want``, given ``got``) in the file's terms."""
+    key = keys[path]
+    stand_in = np.broadcast_to(np.zeros((), np.uint8), want)  # no memory, any shape
+    expected = tuple(to_file(path, stand_in).shape)
+    return (
+      f"{key!r} in {origins.get(key, 'the checkpoint')} has shape {tuple(raw[key].shape)}; the "
+      f"model expects {expected} ({path}: {want} in our layout, {got} given)"
+    )
+
+  return describe
+
+
 def match(
-  template: Mapping[str, Any], loaded: Mapping[str, Any], what: str, dtype: Any = None
+  template: Mapping[str, Any],
+  loaded: Mapping[str, Any],
+  what: str,
+  dtype: Any = None,
+  describe: Describe | None = None,
 ) -> dict[str, Any]:
   """Checks ``loaded`` (flat, ``/``-joined paths) against the parameter tree ``template``
   (arrays or ``jax.ShapeDtypeStruct``s) and returns it as a nested tree of numpy arrays.
 
   Raises ``ConversionError`` naming every missing and unexpected parameter and the first
-  shape mismatches (parameter, expected shape, checkpoint shape). ``dtype``: cast every leaf
-  (default: the template leaf's dtype).
+  shape mismatches (parameter, expected shape, checkpoint shape; ``describe(path, expected,
+  got)`` words each, e.g. ``file_mismatch``). ``dtype``: cast every leaf (default: the template
+  leaf's dtype).
   """
   want = flatten(template)
   missing = sorted(set(want) - set(loaded))
   unexpected = sorted(set(loaded) - set(want))
+  say = describe or (lambda k, w, g: f"{k}: model expects {w}, checkpoint has {g}")
   bad = [
-    f"{k}: model expects {tuple(want[k].shape)}, checkpoint has {tuple(np.shape(loaded[k]))}"
+    say(k, tuple(want[k].shape), tuple(np.shape(loaded[k])))
     for k in sorted(set(want) & set(loaded))
     if tuple(want[k].shape) != tuple(np.shape(loaded[k]))
   ]

@@ -217,14 +217,19 @@ def _match(
   what: str,
   names: Mapping[str, str],
   dtype: Any = None,
+  describe: tensors.Describe | None = None,
 ) -> dict[str, Any]:
-  """``tensors.match``, with the diffusers key of every missing / mismatched parameter added."""
+  """``tensors.match``, with the diffusers key of every missing / mismatched parameter added
+  (a mismatch that ``describe`` words, naming the file's key itself, is not repeated)."""
   try:
-    return tensors.match(template, loaded, what, dtype=dtype)
+    return tensors.match(template, loaded, what, dtype=dtype, describe=describe)
   except ConversionError as e:
     want = tensors.flatten(template)
     named = sorted(
-      k for k in want if k not in loaded or tuple(want[k].shape) != tuple(np.shape(loaded[k]))
+      k
+      for k in want
+      if k not in loaded
+      or (describe is None and tuple(want[k].shape) != tuple(np.shape(loaded[k])))
     )
     if not named:
       raise
@@ -244,13 +249,16 @@ def _diffusers_root(path: str) -> str:
   return path
 
 
-def _read_diffusers_weights(root: str, what: str) -> dict[str, np.ndarray]:
-  """The tensors of a diffusers model directory; the plain single file wins over variants."""
+def _read_diffusers_weights(
+  root: str, what: str, origins: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+  """The tensors of a diffusers model directory; the plain single file wins over variants
+  (``origins``: as in ``tensors.read``)."""
   single = os.path.join(root, DIFFUSERS_WEIGHTS)
   has_index = any(os.path.exists(os.path.join(root, i)) for i in tensors.INDEXES)
   if os.path.isfile(single) and not has_index:
-    return tensors.read(single, what)
-  return tensors.read(root, what)
+    return tensors.read(single, what, origins)
+  return tensors.read(root, what, origins)
 
 
 def _write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
@@ -295,13 +303,15 @@ def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> code
   vae_config = vae_config_from_diffusers(cfg, f"{what} config.json")
   if os.path.abspath(out_dir) in (os.path.abspath(root), os.path.abspath(diffusers_dir)):
     raise ConversionError(f"{what}: out_dir must differ from the diffusers directory")
-  raw = _read_diffusers_weights(root, what)
+  origins: dict[str, str] = {}
+  raw = _read_diffusers_weights(root, what, origins)
   template = abstract_params(vae_config, _PARAM_DTYPES[dtype])
   names = _key_map(template)
   ours = {v: k for k, v in names.items()}
   # Unknown keys keep their diffusers name, so match reports them as unexpected.
   loaded = {ours.get(k, k): _to_flax(ours.get(k, k), v) for k, v in raw.items()}
-  params = _match(template, loaded, what, names)
+  describe = tensors.file_mismatch(names, raw, origins, _to_diffusers)  # the file's key and shape
+  params = _match(template, loaded, what, names, describe=describe)
   os.makedirs(out_dir, exist_ok=True)
   config_path = os.path.join(out_dir, CONFIG_FILE)
   _remove(config_path)  # from here until the end, out_dir is not a valid checkpoint

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,20 +69,18 @@ def test_one_checkpoint_has_one_score(demo):
 
 
 def test_train_cli_overrides_and_resume(demo, tmp_path):
+  """A relative path is stored absolute (the workdir loads from anywhere); the resume passes it
+  absolute, and its model check compares no paths."""
   wd = str(tmp_path / "p")
-  args = (
-    "iomm-train",
-    "--config",
-    "experiments/shapes/pretrain.py:quick",
-    "--workdir",
-    wd,
-    f"--config.model.mllm_from={demo[0]}/mllm",
-    "--config.optim.lr=3e-4",
-  )
-  run(*args, "--config.train.num_steps=2")
+  args = ("iomm-train", "--config", "experiments/shapes/pretrain.py:quick", "--workdir", wd)
+  mllm = os.path.join(demo[0], "mllm")
+  relative = f"--config.model.mllm_from={os.path.relpath(mllm, ROOT)}"  # run() runs in ROOT
+  run(*args, relative, "--config.optim.lr=3e-4", "--config.train.num_steps=2")
   with open(os.path.join(wd, "config.json")) as f:
-    assert json.load(f)["optim"]["lr"] == 3e-4
-  out = run(*args, "--config.train.num_steps=4").stdout
+    saved = json.load(f)
+  assert saved["optim"]["lr"] == 3e-4 and saved["model"]["mllm_from"] == mllm
+  absolute = f"--config.model.mllm_from={mllm}"
+  out = run(*args, absolute, "--config.optim.lr=3e-4", "--config.train.num_steps=4").stdout
   assert "resuming" in out and "step 4/4" in out
 
 
@@ -115,6 +114,30 @@ def test_sample_cli_writes_a_grid(demo, tmp_path):
     out,
   )
   assert os.path.getsize(out) > 0 and "wrote" in proc.stdout
+
+
+def test_sample_cli_from_a_moved_workdir(demo, tmp_path):
+  """Was: a workdir's config.json kept ``model.mllm_from`` relative to the directory training
+  ran in, so sampling from elsewhere failed ("'runs/demo/mllm' holds no checkpoint"). Here an
+  older workdir (relative paths) moved to another tree is sampled from a third directory."""
+  tree, here = tmp_path / "elsewhere" / "runs" / "demo", tmp_path / "somewhere_else"
+  for stage in ("mllm", "finetune"):
+    shutil.copytree(os.path.join(demo[0], stage), tree / stage)
+  os.makedirs(here)
+  with open(tree / "finetune" / "config.json") as f:
+    config = json.load(f)
+  config["model"]["mllm_from"] = "runs/demo/mllm"
+  config["train"]["init_from"] = "runs/demo/pretrain"
+  with open(tree / "finetune" / "config.json", "w") as f:
+    json.dump(config, f)
+  out = str(here / "grid.png")
+  proc = subprocess.run(
+    [os.path.join(BIN, "iomm-sample"), "--workdir", str(tree / "finetune"), "--prompt",
+     "a photo of a red circle", "--num", "1", "--steps", "1", "--out", out],
+    cwd=here, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.getsize(out) > 0 and "warning" not in proc.stderr
 
 
 def test_eval_cli_writes_scores_and_failures(demo):
@@ -166,12 +189,16 @@ def test_sample_cli_benchmark_layouts_resume_identically(demo, tmp_path):
     with open(os.path.join(dpg, "7.txt"), "w") as f:
       f.write("A red circle above a blue square, drawn on a white background. " * 4)
   out = str(tmp_path / "dpg")
-  run(
+  proc = run(
     "iomm-sample", *common, "--prompts-file", dpg, "--format", "dpg", "--outdir", out,
     "--limit", "1", "--max-text-len", "640",
   )  # fmt: skip
   (name,) = os.listdir(out)
   assert name.endswith(".png")
+  warned = [line for line in proc.stderr.splitlines() if "out-of-vocabulary" in line]
+  assert len(warned) == 1  # a DPG prompt has words the shapes captions never had
+  if dpg != REAL_DPG:
+    assert "words 'A', 'drawn', 'on', 'white', 'background.':" in warned[0]
 
   wise = str(tmp_path / "wise.json")
   with open(wise, "w") as f:

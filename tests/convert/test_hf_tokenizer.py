@@ -218,3 +218,12 @@ def test_chat_template_from_tokenizer_config(pair):
   assert HFTokenizer(state["tokenizer_json"], named).chat_template == CHAT_TEMPLATE
   with pytest.raises(ValueError, match="no chat template"):
     HFTokenizer(state["tokenizer_json"], state["config"]).apply_chat_template(chat)
+
+
+def test_byte_level_bpe_has_no_out_of_vocabulary_words(pair):
+  """Byte-level BPE covers any text with known tokens; only its unk_token (Qwen2Tokenizer's
+  default <|endoftext|>, which plain words never produce) counts, so no prompt warns."""
+  ours, _ = pair
+  assert ours.unknown_words("a photo of a sneaker, ÜBER-weird 中文 xyzzy!") == []
+  unk = [] if ours.unk_id is None else ["<|endoftext|>"]
+  assert ours.unknown_words("a photo of <|endoftext|> <|endoftext|>") == unk

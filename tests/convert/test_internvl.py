@@ -456,6 +456,8 @@ def test_shape_mismatch_names_param_and_both_shapes(hf_copy):
   msg = str(e.value)
   assert "language_model/layers_0/mlp/up_proj/kernel" in msg
   assert "(40, 56)" in msg and "(40, 57)" in msg
+  # the file's own key, file and shape, and the shape expected in the file's (torch) layout
+  assert f"{key!r} in model.safetensors has shape (57, 40); the model expects (56, 40)" in msg
 
 
 def test_pickle_only_directory_is_refused(hf_copy):
