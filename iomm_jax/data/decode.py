@@ -6,7 +6,9 @@ else escapes: every hostile input is either fixed (and the fix is visible in the
 refused with one of ``SKIP_REASONS``. The policy, decided once here:
 
 * Refused: zero-byte input (``empty``), bytes no decoder recognises (``not_an_image``), truncated
-  or corrupt files (``corrupt``: Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off), more than
+  or corrupt files (``corrupt``: Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off; also a PNG whose
+  header declares more pixel data than its bytes can hold at deflate's best ratio, refused
+  before Pillow allocates the declared image), more than
   ``max_pixels`` pixels read from the header before decoding, or a Pillow
   ``DecompressionBombWarning`` / ``Error`` (``too_many_pixels``; ``Image.MAX_IMAGE_PIXELS`` is
   never changed globally), longer side / shorter side above ``max_aspect`` (``extreme_aspect``:
@@ -23,16 +25,19 @@ refused with one of ``SKIP_REASONS``. The policy, decided once here:
   centre square (one ``resize`` with a crop box). JPEGs are first decoded at the smallest DCT
   scale that still covers the target (``Image.draft``), which is several times faster at 512 px.
 
-Captions (``clean_caption``): bytes are decoded as UTF-8 (a BOM dropped); bytes that are not
-valid UTF-8 are decoded with U+FFFD replacement characters and counted as
-``caption_not_utf8``. Surrounding whitespace is stripped and inner runs of whitespace become
-one space; an empty result means "no caption" (``caption_empty``); more than
-``max_caption_chars`` characters are cut at the last space before the limit
+Captions (``clean_caption``): bytes are decoded as UTF-8 (a BOM dropped); UTF-16 (a UTF-16 BOM,
+or without one the NUL-byte pattern of mostly-ASCII text, every other byte zero) is decoded as
+such and counted as ``caption_utf16``; bytes that are not valid UTF-8 are decoded with U+FFFD
+replacement characters and counted as ``caption_not_utf8`` (as are text captions holding lone
+surrogates, which no UTF-8 writer accepts). Surrounding whitespace is stripped and inner runs
+of whitespace become one space; an empty result means "no caption" (``caption_empty``); more
+than ``max_caption_chars`` characters are cut at the last space before the limit
 (``caption_truncated``).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import io
 import re
@@ -50,7 +55,9 @@ SKIP_REASONS = (
   "too_small",
   "no_image",  # a caption / sidecar without an image (tar shards, parquet nulls)
   "duplicate_key",
-  "unreadable",  # the file could not be read at all (permissions, vanished)
+  "unreadable",  # the file or directory could not be read at all (permissions, vanished)
+  "not_a_file",  # a FIFO, device or socket with an image name: never opened
+  "too_large",  # a file over --max-file-bytes: never read
 )
 _WHITESPACE = re.compile(r"\s+")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -84,15 +91,38 @@ class ImagePolicy:
       raise ValueError(f"max_pixels={self.max_pixels} must be positive")
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, name: str) -> Image.Image:
+  where = f"{name}: " if name else ""
   if not data:
-    raise BadRecord("empty", "zero bytes")
+    raise BadRecord("empty", f"{where}zero bytes")
   try:
     return Image.open(io.BytesIO(data))
-  except UnidentifiedImageError as e:
-    raise BadRecord("not_an_image", str(e)[:200]) from None
+  except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+    raise BadRecord(
+      "not_an_image", f"{where}no image format recognised ({len(data)} bytes, {data[:8]!r}...)"
+    ) from None
   except (OSError, SyntaxError, ValueError) as e:
-    raise BadRecord("corrupt", str(e)[:200]) from None
+    raise BadRecord("corrupt", f"{where}{str(e)[:200]}") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+_DEFLATE_MAX_RATIO = 1032  # deflate's ceiling: a 258-byte match in as little as 2 bits
+
+
+def _check_png_payload(img: Image.Image, data: bytes, name: str) -> None:
+  """Refuses a PNG whose header declares more filtered scanline bytes than ``data`` could
+  inflate to (the non-interlaced size: a lower bound, so no valid PNG is refused)."""
+  if img.format != "PNG" or data[12:16] != b"IHDR" or len(data) < 26:
+    return
+  depth, colour = data[24], data[25]
+  w, h = img.size
+  raw = h * (1 + -(-w * depth * _PNG_CHANNELS.get(colour, 1) // 8))
+  if raw > _DEFLATE_MAX_RATIO * len(data) + 1024:
+    where = f"{name}: " if name else ""
+    raise BadRecord(
+      "corrupt",
+      f"{where}declares {w}x{h} ({raw} bytes of pixel data) but holds only {len(data)} bytes",
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -126,8 +156,10 @@ def _square(img: Image.Image, resolution: int) -> Image.Image:
   return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
 
 
-def load_image(data: bytes | np.ndarray, policy: ImagePolicy) -> np.ndarray:
+def load_image(data: bytes | np.ndarray, policy: ImagePolicy, name: str = "") -> np.ndarray:
   """Encoded image bytes (or a uint8 [H, W, C] array) -> uint8 [S, S, 3], S = resolution.
+
+  ``name`` (a file name, a tar member) prefixes the details of refusals that concern the bytes.
 
   Raises:
     BadRecord: the input is refused (its ``reason`` says why).
@@ -140,9 +172,11 @@ def load_image(data: bytes | np.ndarray, policy: ImagePolicy) -> np.ndarray:
         img = _from_array(data)
         orig = img.size
       else:
-        img = _open(bytes(data))
+        data = bytes(data)
+        img = _open(data, name)
         orig = img.size
-        _check_geometry(orig, policy)
+        _check_geometry(orig, policy)  # the declared size, before anything is decoded
+        _check_png_payload(img, data, name)
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
           # Orientation 5-8 swap the axes, but draft keeps both sides >= the request anyway.
           img.draft(img.mode, (policy.resolution, policy.resolution))
@@ -156,8 +190,9 @@ def load_image(data: bytes | np.ndarray, policy: ImagePolicy) -> np.ndarray:
       raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
       raise BadRecord("too_many_pixels", str(e)[:200]) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
-      raise BadRecord("corrupt", f"{type(e).__name__}: {str(e)[:200]}") from None
+    except Exception as e:  # any decoder failure on hostile bytes (OSError, struct.error, ...)
+      where = f"{name}: " if name else ""
+      raise BadRecord("corrupt", f"{where}{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -199,13 +234,23 @@ def clean_caption(
     return None
   if isinstance(raw, bytes | bytearray | memoryview):
     raw = bytes(raw)
-    try:
-      raw = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-      raw = raw.decode("utf-8", errors="replace")
-      note("caption_not_utf8")
+    utf16 = _utf16_codec(raw)
+    if utf16:
+      raw = raw.decode(utf16, errors="replace")
+      note("caption_utf16")
+    else:
+      try:
+        raw = raw.decode("utf-8-sig")
+      except UnicodeDecodeError:
+        raw = raw.decode("utf-8", errors="replace")
+        note("caption_not_utf8")
   if not isinstance(raw, str):
     raw = str(raw)
+  try:
+    raw.encode("utf-8")
+  except UnicodeEncodeError:  # lone surrogates (a JSON "\udce9" escape): not writable as UTF-8
+    raw = raw.encode("utf-8", errors="replace").decode("utf-8")
+    note("caption_not_utf8")
   text = _WHITESPACE.sub(" ", raw).strip()
   if not text:
     note("caption_empty")
@@ -216,3 +261,19 @@ def clean_caption(
     text = (cut[:space] if space > max_chars // 2 else cut).rstrip()
     note("caption_truncated")
   return text
+
+
+def _utf16_codec(raw: bytes) -> str | None:
+  """The UTF-16 codec of ``raw`` if it has a UTF-16 BOM, or (no BOM) one byte of each pair is
+  zero in at least half the pairs and the other almost never: mostly-ASCII UTF-16 text, which
+  UTF-8 would otherwise read as text full of NULs. None otherwise."""
+  if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    return "utf-16"  # reads and drops the BOM
+  if len(raw) < 2 or b"\0" not in raw:
+    return None
+  even, odd = raw[0::2], raw[1::2]
+  n = len(raw) // 2
+  for zeros, other, codec in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+    if zeros.count(0) >= max(1, n / 2) and other.count(0) <= n / 10:
+      return codec
+  return None

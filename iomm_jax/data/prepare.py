@@ -56,7 +56,8 @@ class Options:
     return decode.ImagePolicy(self.resolution, self.min_size, self.max_aspect, self.max_pixels)
 
   def check(self) -> None:
-    """InputError naming the flag of the first bad value."""
+    """InputError naming the flag of the first bad value, or the two flags of settings under
+    which no image at all could be kept."""
     for flag, ok in (
       ("--resolution", self.resolution > 0),
       ("--min-size", self.min_size >= 0),
@@ -70,6 +71,11 @@ class Options:
       if not ok:
         value = getattr(self, flag[2:].replace("-", "_"))
         raise InputError(f"{flag} {value!r} is out of range")
+    if self.min_size**2 > self.max_pixels:
+      raise InputError(
+        f"--max-pixels {self.max_pixels} is below --min-size {self.min_size} squared: every image "
+        "would be skipped (too_small or too_many_pixels)"
+      )
 
 
 def check_process_split(num_processes: int, process_index: int) -> None:
@@ -160,10 +166,12 @@ def _fill_shard(source, shard: int, opts: Options, bar) -> Callable[[Any], dict[
       try:
         if raw.skip:
           raise decode.BadRecord(raw.skip, raw.detail)
-        image = decode.load_image(raw.image, policy)
+        image = decode.load_image(raw.image, policy, raw.name or raw.key)
       except decode.BadRecord as e:
         skipped.append({"index": raw.index, "key": raw.key, "reason": e.reason, "detail": e.detail})
         continue
+      for fix in raw.fixes if keep else ():  # caption fields the source could not use
+        fixes[fix] = fixes.get(fix, 0) + 1
       cap = decode.clean_caption(raw.caption, opts.max_caption_chars, fixes) if keep else None
       jpeg = records.encode_image(image, opts.jpeg_quality)
       writer.write(records.encode_record(raw.key, jpeg, cap))
