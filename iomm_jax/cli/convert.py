@@ -75,11 +75,8 @@ def export_torch(
     raise ValueError(f"--out {out!r} must not be the workdir")
   config, ctx, params = inference.load_generator(workdir, use_ema=ema, step=step)
   meta = flux.export_generator(ctx.model, params, out, frozen=ctx.frozen, dtype=dtype)
-  kept_ema = checkpointing.Checkpointer(workdir, async_save=False)
-  try:  # a run with ema_decay = 0 keeps no EMA: its parameters stand for it
-    weights = "ema" if ema and config.train.ema_decay > 0 and kept_ema.saved_ema(step) else "params"
-  finally:
-    kept_ema.close()
+  # ema_decay = 0: no EMA is kept (one saved by an older version equals the parameters)
+  weights = "ema" if ema and config.train.ema_decay > 0 else "params"
   provenance = {"workdir": os.path.abspath(workdir), "step": step, "weights": weights}
   with open(os.path.join(out, "source.json"), "w") as f:
     json.dump(provenance, f, indent=2)

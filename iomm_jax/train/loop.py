@@ -127,7 +127,11 @@ def restore_or_init(
   if ckpt.latest_step() is not None:  # a checkpoint saved on any mesh restores onto this one
     check = lambda meta: checkpointing.check_model_signature(meta["model"], config, workdir)
     saved_ema = ckpt.saved_ema()  # the layout on disk, whatever this config keeps
-    saved_state, saved_sh = abstract_state(init_fn, optimizer, mesh, rules, saved_ema)
+    saved_state, saved_sh = (
+      (boxed_state, shardings)
+      if saved_ema == keeps_ema(config)
+      else abstract_state(init_fn, optimizer, mesh, rules, saved_ema)
+    )
     target = sharding.abstract_target(saved_state, saved_sh)
     state, _ = ckpt.restore(target, data_iter, check_meta=check)  # the newest that restores
     state = _match_ema(state, keeps_ema(config), shardings)
