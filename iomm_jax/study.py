@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
 import re
+import subprocess
 import time
 from typing import Any
 
@@ -153,15 +155,16 @@ def _same_run(root: str, wd: str, config, defaults) -> str | None:
   return None
 
 
-def mllm_dir(root: str, scale: Scale) -> str:
+def mllm_dir(root: str, scale: Scale, train: bool = True) -> str:
   """Trains (once) the study's frozen stage-0 MLLM; returns its workdir."""
   wd = os.path.join(root, "mllm")
-  _train(mllm.train_and_evaluate, _config("mllm", scale, scale.mllm_steps), wd)
+  if train:
+    _train(mllm.train_and_evaluate, _config("mllm", scale, scale.mllm_steps), wd)
   return wd
 
 
-def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -> str | None:
-  """Trains (or reuses) the arm's pre-training run; None if the arm has none."""
+def _pretrain_run(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str):
+  """The arm's pre-training run: ``(workdir, config, stage entry point)``, None if it has none."""
   if arm.pretrain is None:
     return None
   spec = _spec("pretrain" if arm.pretrain == "image" else "finetune", scale, scale.pretrain_steps)
@@ -171,23 +174,59 @@ def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -
   )
   common = {"seed": seed, "model.mllm_from": mllm_from, **dict(items)}
   if arm.pretrain == "image":
-    c = _config("pretrain", scale, scale.pretrain_steps, common)
-    _train(pretrain.train_and_evaluate, c, wd)
-  else:  # pairs only: the stage-2 loop with lambda = 0, at stage 1's steps and batch
-    batch = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps)).train.batch_size
-    c = _config(
-      "finetune",
-      scale,
-      scale.pretrain_steps,
-      {
-        **common,
-        "diffusion.mix_ratio": 0.0,
-        "train.init_from": "scratch",
-        "train.batch_size": batch,
-      },
-    )
-    _train(finetune.train_and_evaluate, c, wd)
+    return wd, _config("pretrain", scale, scale.pretrain_steps, common), pretrain.train_and_evaluate
+  # pairs only: the stage-2 loop with lambda = 0, at stage 1's steps and batch
+  batch = loading.load_config(_spec("pretrain", scale, scale.pretrain_steps)).train.batch_size
+  c = _config(
+    "finetune",
+    scale,
+    scale.pretrain_steps,
+    {**common, "diffusion.mix_ratio": 0.0, "train.init_from": "scratch", "train.batch_size": batch},
+  )
+  return wd, c, finetune.train_and_evaluate
+
+
+def pretrain_dir(arm: Arm, seed: int, scale: Scale, root: str, mllm_from: str) -> str | None:
+  """Trains (or reuses) the arm's pre-training run; None if the arm has none."""
+  run = _pretrain_run(arm, seed, scale, root, mllm_from)
+  if run is None:
+    return None
+  wd, config, stage_fn = run
+  _train(stage_fn, config, wd)
   return wd
+
+
+def _finetune_run(arm: Arm, seed: int, scale: Scale, root: str, question: str, mllm_from, src):
+  """The arm's stage-2 run: ``(workdir, config)``."""
+  wd = os.path.join(root, question, f"{_slug((('arm', arm.name),))}-s{seed}")
+  overrides = {
+    "seed": seed,
+    "model.mllm_from": mllm_from,
+    "train.init_from": src or "scratch",
+    **dict(arm.both + arm.finetune_overrides),
+  }
+  return wd, _config("finetune", scale, scale.finetune_steps, overrides)
+
+
+def fingerprint(arm: Arm, seed: int, scale: Scale, metric: str) -> str:
+  """A hash of everything that decides an arm's result for one seed: the resolved configs of
+  its stage 0, stage 1 and stage 2 (paths left out) and the metric's protocol. A ledger entry
+  counts only while its fingerprint equals the current one, so a change to the experiment
+  files, the scale or an arm makes its old results stale instead of silently mixed in."""
+  root = "/ledger"
+  mllm_from = mllm_dir(root, scale, train=False)
+  pre = _pretrain_run(arm, seed, scale, root, mllm_from)
+  parts = [json.loads(_config("mllm", scale, scale.mllm_steps).to_json())]
+  if pre is not None:
+    parts.append(json.loads(pre[1].to_json()))
+  if metric != "reconstruction":
+    src = pre[0] if pre is not None else None
+    parts.append(
+      json.loads(_finetune_run(arm, seed, scale, root, "q", mllm_from, src)[1].to_json())
+    )
+  n = scale.eval_per_category if metric == "geneval" else scale.edits_per_kind
+  text = json.dumps({"configs": parts, "metric": metric, "n": n, "v": 1}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 METRICS = ("geneval", "editing", "reconstruction")
@@ -249,14 +288,7 @@ def run_arm(
     if src is None or arm.pretrain != "image":
       raise ValueError(f"arm {arm.name!r}: the reconstruction metric needs an image-only stage 1")
     return _evaluate(src, scale, metric)
-  wd = os.path.join(root, question, f"{_slug((('arm', arm.name),))}-s{seed}")
-  overrides = {
-    "seed": seed,
-    "model.mllm_from": mllm_from,
-    "train.init_from": src or "scratch",
-    **dict(arm.both + arm.finetune_overrides),
-  }
-  c = _config("finetune", scale, scale.finetune_steps, overrides)
+  wd, c = _finetune_run(arm, seed, scale, root, question, mllm_from, src)
   if not os.path.exists(wd) and (
     same := _same_run(root, wd, c, _config("finetune", scale, scale.finetune_steps, {}))
   ):
@@ -266,9 +298,86 @@ def run_arm(
   return _evaluate(wd, scale, metric)
 
 
-def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
+class Ledger:
+  """The results a study has measured, kept in the repository (``docs/study/ledger/``, one
+  JSON per question and scale) so that a question's table can grow over several sessions: one
+  entry per arm and seed, holding the report (with its per-image verdicts, which the paired
+  contrasts need), the run's fingerprint (``fingerprint``), and where and when it was measured.
+  An entry whose fingerprint differs from the current one is stale: it is neither reused nor
+  tabulated. An entry of another question with the same fingerprint is the same experiment
+  (Q2's r = 0.85 is Q1's Image->Mix) and is reused."""
+
+  def __init__(self, directory: str, name: str):
+    self.directory, self.path = directory, os.path.join(directory, f"{name}.json")
+    self.entries: dict[str, dict[str, dict[str, Any]]] = self._load(self.path)
+
+  @staticmethod
+  def _load(path: str) -> dict:
+    if not os.path.exists(path):
+      return {}
+    with open(path) as f:
+      return json.load(f)
+
+  def get(self, arm: str, seed: int, fp: str) -> dict[str, Any] | None:
+    e = self.entries.get(arm, {}).get(str(seed))
+    if e is not None and e["fingerprint"] == fp:
+      return e["report"]
+    others = (
+      sorted(f for f in os.listdir(self.directory) if f.endswith(".json"))
+      if os.path.isdir(self.directory)
+      else []
+    )
+    for f in others:
+      for by_seed in self._load(os.path.join(self.directory, f)).values():
+        for e in by_seed.values():
+          if e["fingerprint"] == fp:
+            self.put(arm, seed, fp, e["report"], e)
+            return e["report"]
+    return None
+
+  def put(self, arm: str, seed: int, fp: str, report: dict[str, Any], source=None) -> None:
+    """Records a result (``source``: the entry of another question it was taken from)."""
+    where = source or {
+      "date": str(datetime.date.today()),
+      "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+      "commit": _commit(),
+    }
+    self.entries.setdefault(arm, {})[str(seed)] = {
+      "fingerprint": fp,
+      **{k: where[k] for k in ("date", "host", "commit")},
+      "report": report,
+    }
+    os.makedirs(self.directory, exist_ok=True)
+    checkpointing.save_json(self.path, self.entries)
+
+  def current(self, arms: list[Arm], scale: Scale, metric: str) -> dict[str, dict[int, dict]]:
+    """arm name -> seed -> entry, for the entries that are not stale, in ``arms``' order."""
+    out = {}
+    for arm in arms:
+      seeds = {}
+      for seed, e in sorted(self.entries.get(arm.name, {}).items(), key=lambda kv: int(kv[0])):
+        if e["fingerprint"] == fingerprint(arm, int(seed), scale, metric):
+          seeds[int(seed)] = e
+      if seeds:
+        out[arm.name] = seeds
+    return out
+
+
+def _commit() -> str:
+  """The checkout's commit (with ``+`` when it has uncommitted changes), or "unknown"."""
+  try:
+    run = lambda *a: subprocess.run(
+      ["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+    return run("rev-parse", "--short", "HEAD") + ("+" if run("status", "--porcelain") else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def summarise(reports: list[dict[str, Any]], seeds: list[int] | None = None) -> dict[str, Any]:
   """Mean and standard deviation (over seeds) of the overall and per-category scores; with the
-  per-image verdicts of the GenEval reports also their ``correct`` lists (one per seed)."""
+  per-image verdicts of the GenEval reports also their ``correct`` lists (one per seed, in the
+  order of ``seed_ids``)."""
   overall = np.array([r["overall"] for r in reports])
   cats = list(reports[0]["categories"])
   out = {
@@ -277,6 +386,7 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
     "overall": overall.tolist(),
     "categories": {c: float(np.mean([r["categories"][c] for r in reports])) for c in cats},
     "seeds": len(reports),
+    "seed_ids": list(seeds) if seeds is not None else list(range(len(reports))),
   }
   if all("correct" in r for r in reports):
     out["correct"] = [r["correct"] for r in reports]
@@ -314,8 +424,17 @@ def contrast(results: dict[str, dict[str, Any]], c: Contrast) -> dict[str, Any]:
     pa = pb = ra["tags"]
   metas_a = [{"tag": t, "prompt": p} for t, p in zip(ra["tags"], pa, strict=True)]
   metas_b = [{"tag": t, "prompt": p} for t, p in zip(rb["tags"], pb, strict=True)]
+  # the seeds both arms ran (a ledger may hold more seeds of one arm than of the other)
+  ia, ib = (
+    ra.get("seed_ids", range(len(ra["correct"]))),
+    rb.get("seed_ids", range(len(rb["correct"]))),
+  )
+  common = [s for s in ia if s in set(ib)]
+  if not common:
+    raise ValueError(f"contrast {c.name!r}: the arms share no seed")
+  pairs = [(ra["correct"][list(ia).index(s)], rb["correct"][list(ib).index(s)]) for s in common]
   per_seed, image_se = [], []
-  for ca, cb in zip(ra["correct"], rb["correct"], strict=True):
+  for ca, cb in pairs:
     d = shapes_geneval.compare(
       shapes_geneval.Evaluation({}, None, metas_b, cb),
       shapes_geneval.Evaluation({}, None, metas_a, ca),
@@ -338,6 +457,7 @@ def contrast(results: dict[str, dict[str, Any]], c: Contrast) -> dict[str, Any]:
     "image_se": pooled_se,
     "per_seed": per_seed,
     "per_seed_image_se": image_se,
+    "seeds": common,
   }
 
 
@@ -368,9 +488,12 @@ def run_question(
   log=print,
   metric: str = "geneval",
   runs: str | None = None,
+  ledger: Ledger | None = None,
 ) -> dict[str, dict[str, Any]]:
   """Every arm x seed; returns arm name -> ``summarise`` of its seeds. ``runs``: the question
-  whose trained runs to use (default: this one; question 7 scores question 1's models)."""
+  whose trained runs to use (default: this one; question 7 scores question 1's models).
+  ``ledger``: results measured before are taken from it (nothing is trained for them) and new
+  ones are added to it as each finishes."""
   if metric not in METRICS:
     raise ValueError(f"metric {metric!r} not one of {METRICS}")
   names = [a.name for a in arms]
@@ -381,10 +504,18 @@ def run_question(
     reports = []
     for seed in seeds:
       t = time.time()
-      reports.append(run_arm(arm, seed, scale, root, runs or question, metric))
-      log(f"[{question}] {arm.name} seed {seed}: overall {reports[-1]['overall']:.3f} "
-          f"({time.time() - t:.0f} s)")  # fmt: skip
-    out[arm.name] = summarise(reports)
+      fp = fingerprint(arm, seed, scale, metric) if ledger is not None else None
+      report = ledger.get(arm.name, seed, fp) if ledger is not None else None
+      if report is None:
+        report = run_arm(arm, seed, scale, root, runs or question, metric)
+        if ledger is not None:
+          ledger.put(arm.name, seed, fp, report)
+        where = f"{time.time() - t:.0f} s"
+      else:
+        where = "from the ledger"
+      reports.append(report)
+      log(f"[{question}] {arm.name} seed {seed}: overall {report['overall']:.3f} ({where})")
+    out[arm.name] = summarise(reports, seeds)
   return out
 
 
@@ -464,6 +595,11 @@ def main(
   p.add_argument("--root", default="runs/study", help="workdirs (shared by every question)")
   p.add_argument("--arms", nargs="*", help="only these arms (default: all)")
   p.add_argument("--write-docs", action="store_true", help="table into docs/RESULTS.md + plot")
+  p.add_argument(
+    "--ledger",
+    help="folder of measured results (<question>_<scale>.json), reused and added to (default "
+    "with --write-docs: docs/study/ledger, whose every current entry the table shows)",
+  )
   a = p.parse_args(argv)
   from absl import flags, logging
 
@@ -480,9 +616,32 @@ def main(
   t0 = time.time()
   from iomm_jax.cli import exit_on_preemption
 
+  directory = a.ledger or (os.path.join(ROOT, "docs", "study", "ledger") if a.write_docs else None)
+  ledger = Ledger(directory, f"{question}_{scale.name}") if directory else None
   with exit_on_preemption():  # SIGTERM: the run is saved; no later arm may start from it
-    results = run_question(question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs)
+    results = run_question(
+      question, chosen, a.seeds, scale, a.root, metric=metric, runs=runs, ledger=ledger
+    )
   wall = time.time() - t0
+  provenance = ""
+  if a.write_docs:  # the table shows every arm and seed the ledger holds, not only this call's
+    held = ledger.current(arms, scale, metric)
+    results = {
+      name: summarise([e["report"] for e in by_seed.values()], list(by_seed))
+      for name, by_seed in held.items()
+    }
+    provenance = (
+      "Measured (from the ledger `"
+      + os.path.relpath(ledger.path, ROOT)
+      + "`): "
+      + "; ".join(
+        f"{name} seeds {', '.join(map(str, by_seed))} ("
+        + ", ".join(sorted({f"{e['date']}, {e['commit']}, {e['host']}" for e in by_seed.values()}))
+        + ")"
+        for name, by_seed in held.items()
+      )
+      + ".\n\n"
+    )
   table = markdown(results, HEADLINES[metric])
   usable = [c for c in contrasts if c.a in results and c.b in results]
   if usable:
@@ -494,10 +653,12 @@ def main(
   checkpointing.save_json(os.path.join(out, f"results_{scale.name}.json"), results)
   if a.write_docs:
     png = os.path.join(ROOT, "docs", "study", f"{question}_{scale.name}.png")
-    plot(results, f"{title} ({scale.name} scale, {len(a.seeds)} seeds)", png)
-    cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, a.seeds))}"
-    if a.arms:
-      cmd += " --arms " + " ".join(f'"{x}"' for x in a.arms)
+    seeds = sorted({s for r in results.values() for s in r["seed_ids"]})
+    plot(results, f"{title} ({scale.name} scale, seeds {', '.join(map(str, seeds))})", png)
+    # the command that measures (or, with the ledger, re-tabulates) exactly this table
+    cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, seeds))}"
+    if len(results) < len(arms):
+      cmd += " --arms " + " ".join(f'"{x}"' for x in results)
     cmd += " --write-docs"
     section = (
       f"### {title}\n\n"
@@ -512,9 +673,9 @@ def main(
         "scenes as its own condition (unmasked, and masked at 0.85): share of the scene's "
         "objects reproduced in their cells (preservation) and of scenes reproduced whole (exact)",
       }[metric]
-      + f"; seeds {a.seeds}. {platform.node()} ({os.cpu_count()} CPUs), "
-      f"{datetime.date.today()}, {wall / 60:.0f} min for this invocation (cached runs reused).\n\n"
-      f"`{cmd}`\n\n{table}\n\n![{question}](study/{os.path.basename(png)})\n"
+      + f"; seeds {seeds}. Last written on {platform.node()} ({os.cpu_count()} CPUs), "
+      f"{datetime.date.today()}, {wall / 60:.0f} min for that invocation.\n\n"
+      f"{provenance}`{cmd}`\n\n{table}\n\n![{question}](study/{os.path.basename(png)})\n"
     )
     write_docs(os.path.join(ROOT, "docs", "RESULTS.md"), f"{question}_{scale.name}", section)
   return results

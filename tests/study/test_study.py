@@ -30,7 +30,11 @@ def test_summarise_markdown_plot_and_docs(tmp_path):
   assert "| A->B | 0.300 ± 0.141 | 2 |" in table and "| C->D | 0.100 ± 0.000 | 1 |" in table
   png = str(tmp_path / "plot.png")
   study.plot(results, "title", png)
-  assert Image.open(png).size[0] > 0
+  pixels = np.asarray(Image.open(png).convert("RGB"))
+  bar = np.all(pixels == (90, 130, 200), axis=-1)  # the bars' colour
+  rows = np.flatnonzero(bar.any(axis=1))
+  lengths = [bar[r].sum() for r in (rows[0], rows[-1])]  # first and last arm
+  assert len(rows) > 0 and lengths[0] == pytest.approx(3 * lengths[1], rel=0.05)  # 0.3 vs 0.1
   doc = str(tmp_path / "RESULTS.md")
   with open(doc, "w") as f:
     f.write("# Results\n\nkeep me\n")
@@ -66,6 +70,50 @@ def test_contrast_is_the_paired_difference_over_seeds():
   mine = {**results["A"], "prompts": [f"p{i}" for i in range(7, -1, -1)]}
   with pytest.raises(ValueError, match="same prompts"):
     study.contrast({"A": mine, "B": other}, study.Contrast("c", "A", "B"))
+
+
+def test_the_ledger_keeps_results_across_calls_and_drops_stale_ones(tmp_path, monkeypatch):
+  """Results measured in one session are reused by the next (nothing retrained), an arm's table
+  grows seed by seed, contrasts pair only the seeds both arms ran, and a changed experiment
+  (another fingerprint) is neither reused nor tabulated."""
+  tags = ["a"] * 2 + ["b"] * 2
+  trained = []
+
+  def run_arm(arm, seed, scale, root, question, metric="geneval"):
+    trained.append((arm.name, seed))
+    correct = [seed % 2 == 0, True, arm.name == "A", False]
+    return {"overall": 0.5 if arm.name == "A" else 0.25, "categories": {"a": 0.5, "b": 0.5},
+            "correct": correct, "tags": tags, "prompts": ["p", "q", "r", "s"]}  # fmt: skip
+
+  monkeypatch.setattr(study, "run_arm", run_arm)
+  arms = [study.Arm("A"), study.Arm("B", pretrain_overrides=(("diffusion.mask_ratio", 0.5),))]
+  scale, path = study.SCALES["quick"], str(tmp_path / "ledger")
+  study.run_question("q", arms, [0], scale, str(tmp_path), ledger=study.Ledger(path, "q"))
+  study.run_question("q", arms[:1], [0, 1], scale, str(tmp_path), ledger=study.Ledger(path, "q"))
+  assert trained == [("A", 0), ("B", 0), ("A", 1)]  # A seed 0 came from the ledger
+  held = study.Ledger(path, "q").current(arms, scale, "geneval")
+  assert {k: list(v) for k, v in held.items()} == {"A": [0, 1], "B": [0]}
+  entry = held["A"][1]
+  assert entry["date"] and entry["commit"] and entry["report"]["overall"] == 0.5
+  results = {
+    n: study.summarise([e["report"] for e in by.values()], list(by)) for n, by in held.items()
+  }
+  d = study.contrast(results, study.Contrast("c", "A", "B"))
+  assert d["seeds"] == [0] and d["per_seed"] == pytest.approx([0.25])
+  # a change to what an arm trains makes its entries stale
+  changed = [arms[0], study.Arm("B", pretrain_overrides=(("diffusion.mask_ratio", 0.6),))]
+  assert list(study.Ledger(path, "q").current(changed, scale, "geneval")) == ["A"]
+  study.run_question("q", changed[1:], [0], scale, str(tmp_path), ledger=study.Ledger(path, "q"))
+  assert trained[-1] == ("B", 0)
+  # another question's arm that is the same experiment is taken from its ledger, untrained
+  same = study.run_question("q9", [study.Arm("A again")], [1], scale, str(tmp_path),
+                            ledger=study.Ledger(path, "q9"))  # fmt: skip
+  assert trained[-1] == ("B", 0) and same["A again"]["overall"] == [0.5]
+  assert study.Ledger(path, "q9").entries["A again"]["1"]["date"] == entry["date"]
+  # another metric of the same runs is another fingerprint
+  assert study.fingerprint(arms[0], 0, scale, "geneval") != study.fingerprint(
+    arms[0], 0, scale, "reconstruction"
+  )
 
 
 def test_arm_validation():
