@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -208,25 +207,49 @@ def _finetune_run(arm: Arm, seed: int, scale: Scale, root: str, question: str, m
   return wd, _config("finetune", scale, scale.finetune_steps, overrides)
 
 
-def fingerprint(arm: Arm, seed: int, scale: Scale, metric: str) -> str:
-  """A hash of everything that decides an arm's result for one seed: the resolved configs of
-  its stage 0, stage 1 and stage 2 (paths left out) and the metric's protocol. A ledger entry
-  counts only while its fingerprint equals the current one, so a change to the experiment
-  files, the scale or an arm makes its old results stale instead of silently mixed in."""
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Everything that decides an arm's result for one seed: the resolved configs of its stage 0,
+  stage 1 and stage 2 (run paths replaced by fixed placeholders) and the metric's protocol,
+  with the experiment files' defaults of each stage. A ledger entry counts only while its
+  recipe matches the current one: a change to an experiment file, the scale or an arm makes
+  old results stale instead of silently mixed in, while a config key added to the project
+  since counts as equal when the current config leaves it at the experiment file's default
+  (the rule of ``_same_run``)."""
+
+  configs: dict[str, Any]
+  defaults: tuple[dict, ...]
+
+  def matches(self, saved: dict[str, Any]) -> bool:
+    mine, theirs = self.configs, saved
+    if {k: v for k, v in mine.items() if k != "stages"} != {
+      k: v for k, v in theirs.items() if k != "stages"
+    } or len(mine["stages"]) != len(theirs["stages"]):
+      return False
+    return all(
+      _with_defaults(t, d) == m
+      for m, t, d in zip(mine["stages"], theirs["stages"], self.defaults, strict=True)
+    )
+
+
+def recipe(arm: Arm, seed: int, scale: Scale, metric: str) -> Recipe:
+  """The ``Recipe`` of ``arm`` at ``seed`` (configs built, nothing trained)."""
   root = "/ledger"
   mllm_from = mllm_dir(root, scale, train=False)
+  as_dict = lambda c: json.loads(c.to_json())  # noqa: E731
+  m = as_dict(_config("mllm", scale, scale.mllm_steps))
+  stages, defaults = [m], [m]
   pre = _pretrain_run(arm, seed, scale, root, mllm_from)
-  parts = [json.loads(_config("mllm", scale, scale.mllm_steps).to_json())]
   if pre is not None:
-    parts.append(json.loads(pre[1].to_json()))
+    stages.append(as_dict(pre[1]))
+    name = "pretrain" if arm.pretrain == "image" else "finetune"
+    defaults.append(as_dict(_config(name, scale, scale.pretrain_steps, {})))
   if metric != "reconstruction":
     src = pre[0] if pre is not None else None
-    parts.append(
-      json.loads(_finetune_run(arm, seed, scale, root, "q", mllm_from, src)[1].to_json())
-    )
+    stages.append(as_dict(_finetune_run(arm, seed, scale, root, "q", mllm_from, src)[1]))
+    defaults.append(as_dict(_config("finetune", scale, scale.finetune_steps, {})))
   n = scale.eval_per_category if metric == "geneval" else scale.edits_per_kind
-  text = json.dumps({"configs": parts, "metric": metric, "n": n, "v": 1}, sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  return Recipe({"stages": stages, "metric": metric, "n": n, "v": 1}, tuple(defaults))
 
 
 METRICS = ("geneval", "editing", "reconstruction")
@@ -302,10 +325,10 @@ class Ledger:
   """The results a study has measured, kept in the repository (``docs/study/ledger/``, one
   JSON per question and scale) so that a question's table can grow over several sessions: one
   entry per arm and seed, holding the report (with its per-image verdicts, which the paired
-  contrasts need), the run's fingerprint (``fingerprint``), and where and when it was measured.
-  An entry whose fingerprint differs from the current one is stale: it is neither reused nor
-  tabulated. An entry of another question with the same fingerprint is the same experiment
-  (Q2's r = 0.85 is Q1's Image->Mix) and is reused."""
+  contrasts need), the run's ``Recipe`` configs, and where and when it was measured. An entry
+  whose recipe does not match the current one is stale: it is neither reused nor tabulated. An
+  entry of another question with a matching recipe is the same experiment (Q2's r = 0.85 is
+  Q1's Image->Mix) and is reused."""
 
   def __init__(self, directory: str, name: str):
     self.directory, self.path = directory, os.path.join(directory, f"{name}.json")
@@ -318,9 +341,9 @@ class Ledger:
     with open(path) as f:
       return json.load(f)
 
-  def get(self, arm: str, seed: int, fp: str) -> dict[str, Any] | None:
+  def get(self, arm: str, seed: int, r: Recipe) -> dict[str, Any] | None:
     e = self.entries.get(arm, {}).get(str(seed))
-    if e is not None and e["fingerprint"] == fp:
+    if e is not None and r.matches(e["recipe"]):
       return e["report"]
     others = (
       sorted(f for f in os.listdir(self.directory) if f.endswith(".json"))
@@ -330,12 +353,12 @@ class Ledger:
     for f in others:
       for by_seed in self._load(os.path.join(self.directory, f)).values():
         for e in by_seed.values():
-          if e["fingerprint"] == fp:
-            self.put(arm, seed, fp, e["report"], e)
+          if r.matches(e["recipe"]):
+            self.put(arm, seed, r, e["report"], e)
             return e["report"]
     return None
 
-  def put(self, arm: str, seed: int, fp: str, report: dict[str, Any], source=None) -> None:
+  def put(self, arm: str, seed: int, r: Recipe, report: dict[str, Any], source=None) -> None:
     """Records a result (``source``: the entry of another question it was taken from)."""
     where = source or {
       "date": str(datetime.date.today()),
@@ -343,8 +366,8 @@ class Ledger:
       "commit": _commit(),
     }
     self.entries.setdefault(arm, {})[str(seed)] = {
-      "fingerprint": fp,
       **{k: where[k] for k in ("date", "host", "commit")},
+      "recipe": r.configs,
       "report": report,
     }
     os.makedirs(self.directory, exist_ok=True)
@@ -356,7 +379,7 @@ class Ledger:
     for arm in arms:
       seeds = {}
       for seed, e in sorted(self.entries.get(arm.name, {}).items(), key=lambda kv: int(kv[0])):
-        if e["fingerprint"] == fingerprint(arm, int(seed), scale, metric):
+        if recipe(arm, int(seed), scale, metric).matches(e["recipe"]):
           seeds[int(seed)] = e
       if seeds:
         out[arm.name] = seeds
@@ -504,12 +527,12 @@ def run_question(
     reports = []
     for seed in seeds:
       t = time.time()
-      fp = fingerprint(arm, seed, scale, metric) if ledger is not None else None
-      report = ledger.get(arm.name, seed, fp) if ledger is not None else None
+      r = recipe(arm, seed, scale, metric) if ledger is not None else None
+      report = ledger.get(arm.name, seed, r) if ledger is not None else None
       if report is None:
         report = run_arm(arm, seed, scale, root, runs or question, metric)
         if ledger is not None:
-          ledger.put(arm.name, seed, fp, report)
+          ledger.put(arm.name, seed, r, report)
         where = f"{time.time() - t:.0f} s"
       else:
         where = "from the ledger"

@@ -110,10 +110,15 @@ def test_the_ledger_keeps_results_across_calls_and_drops_stale_ones(tmp_path, mo
                             ledger=study.Ledger(path, "q9"))  # fmt: skip
   assert trained[-1] == ("B", 0) and same["A again"]["overall"] == [0.5]
   assert study.Ledger(path, "q9").entries["A again"]["1"]["date"] == entry["date"]
-  # another metric of the same runs is another fingerprint
-  assert study.fingerprint(arms[0], 0, scale, "geneval") != study.fingerprint(
-    arms[0], 0, scale, "reconstruction"
-  )
+  # another metric of the same runs is another recipe
+  rec = study.recipe(arms[0], 0, scale, "reconstruction")
+  assert not rec.matches(study.recipe(arms[0], 0, scale, "geneval").configs)
+  # a config key the project gained since an entry was measured, left at its default, matches
+  old = json.loads(json.dumps(rec.configs))
+  del old["stages"][1]["diffusion"]["mask_ratio"]
+  assert rec.matches(old)
+  old["stages"][1]["diffusion"]["mix_ratio"] = 0.3  # a real difference
+  assert not rec.matches(old)
 
 
 def test_arm_validation():
