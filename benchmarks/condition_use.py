@@ -4,7 +4,8 @@
       [--draws 8] [--reconstruct]
 
 The stage-1 flow-matching loss (``steps.generator_loss_fn``, no condition dropout) on fresh
-shapes-world scenes, with the same timesteps and noise under four conditions:
+shapes-world scenes (a run on its own data: its held-out records), with the same timesteps and
+noise under four conditions:
 
 * own image, every token kept (r = 0), and masked at r = 0.85 (training's default);
 * another scene's image (the batch rolled by one), r = 0;
@@ -28,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from iomm_jax import checkpointing, inference, runtime
-from iomm_jax.data import pipeline, shapes
+from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.eval import shapes_editing
 from iomm_jax.train import steps
 
@@ -46,16 +47,26 @@ def loss_fns(config, ctx) -> dict[float, Callable]:
   return out
 
 
+def probe_images(config, num_images: int, seed: int = 0) -> np.ndarray:
+  """uint8 [N, S, S, 3]: fresh shapes-world scenes, or (a run on its own data) up to
+  ``num_images`` of its held-out records (``data.holdout_records``; never trained on)."""
+  if config.data.source != "shapes":
+    return np.stack([image for image, _ in sources.heldout(config, num_images, captioned=False)])
+  world = pipeline.world_from_config(config)
+  rng = np.random.default_rng(seed)
+  return np.stack(
+    [shapes.render(shapes.sample_scene(rng, world), world) for _ in range(num_images)]
+  )
+
+
 def losses(
   config, ctx, params, num_images: int, draws: int, seed: int = 0, fns=None
 ) -> dict[str, float]:
   """Mean loss per condition (see the module docstring) over ``draws`` timestep/noise draws;
   ``fns``: ``loss_fns(config, ctx)``, to reuse their compilations."""
   fns = fns or loss_fns(config, ctx)
-  world = pipeline.world_from_config(config)
-  rng = np.random.default_rng(seed)
-  scenes = [shapes.sample_scene(rng, world) for _ in range(num_images)]
-  images = np.stack([shapes.render(sc, world) for sc in scenes])
+  images = probe_images(config, num_images, seed)
+  num_images = len(images)
   ids, valid = ctx.conditioner.image_condition()
   null_ids, null_valid = ctx.conditioner.null_condition()
   tile = lambda a: np.tile(a[None], (num_images, 1))
@@ -98,6 +109,8 @@ def main():
     step = int(step) if step else max(checkpointing.saved_steps(wd), default=None)
     config, ctx, params = inference.load_generator(wd, step=step)
     out = losses(config, ctx, params, a.num_images, a.draws)
+    if a.reconstruct and config.data.source != "shapes":
+      raise SystemExit("--reconstruct needs the shapes world's detector; this run is on own data")
     if a.reconstruct:  # sampled: share of each scene's objects reproduced in their cells
       rec = shapes_editing.reconstruct(config, ctx, params, a.num_images, seed=0)
       out.update({f"reconstruction {k}": v["preservation"] for k, v in rec.items()})

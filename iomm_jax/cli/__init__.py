@@ -1,8 +1,9 @@
 """Command-line entry points (``iomm-train``, ``iomm-sample``, ``iomm-eval``, ``iomm-demo``,
 ``iomm-convert``, ``iomm-plan``) and what the absl ones share: ``run`` (``--help`` with the
 command's own flags, exit 0; one-line errors with exit status 2 for a bad flag, a config key
-that is not in the experiment file or a bad flag combination, as the argparse commands give),
-flag spelling with dashes, the SIGTERM exit status and the out-of-vocabulary prompt warning.
+that is not in the experiment file, a config value ``loading.validate`` refuses or a bad flag
+combination, as the argparse commands give), flag spelling with dashes, the SIGTERM exit status
+and the out-of-vocabulary prompt warning.
 
 Nothing here imports JAX at module level."""
 
@@ -118,19 +119,26 @@ def run(main: Callable[[list[str]], Any], prog: str, module: str, required: Sequ
       usage_error(prog, message)
 
   def checked_main(argv: list[str]) -> Any:
-    """``main``, its usage errors one line."""
+    """``main``, its usage errors and the config values ``loading.validate`` refuses one line."""
     try:
       return main(argv)
     except app.UsageError as e:
       usage_error(prog, str(e))
+    except ValueError as e:
+      from iomm_jax.configs import loading
+
+      if not isinstance(e, loading.ConfigError):
+        raise
+      usage_error(prog, str(e), hint=None)
 
   app.run(checked_main, argv=argv, flags_parser=parse)
 
 
-def usage_error(prog: str, message: str) -> None:
-  """Prints ``prog: error: message`` as one line on stderr and exits with ``USAGE_ERROR``."""
-  line = " ".join(message.split())
-  print(f"{prog}: error: {line} (--help lists the flags)", file=sys.stderr, flush=True)
+def usage_error(prog: str, message: str, hint: str | None = "--help lists the flags") -> None:
+  """Prints ``prog: error: message (hint)`` as one line on stderr and exits with
+  ``USAGE_ERROR``."""
+  line = " ".join(message.split()) + (f" ({hint})" if hint else "")
+  print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
   sys.exit(USAGE_ERROR)
 
 

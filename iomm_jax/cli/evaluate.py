@@ -1,4 +1,5 @@
-"""``iomm-eval``: the shapes-world GenEval of a trained generator workdir.
+"""``iomm-eval``: the shapes-world GenEval of a trained generator workdir (own data: the
+held-out caption retrieval of ``eval.heldout``).
 
   iomm-eval --workdir W [--step N] [--per_category 64] [--seed 0] [--cfg 3] [--steps 20]
       [--batch 32] [--no-ema]
@@ -17,6 +18,12 @@ byte-identical to a one-device run's with the same ``--batch``. Several processe
 command in each with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or
 ``$IOMM_COORDINATOR``, ``$IOMM_NUM_PROCESSES``, ``$IOMM_PROCESS_ID``; SLURM ``srun`` needs
 none); every process scores the gathered images, process 0 writes the files.
+
+A run on its own data (``data.source`` "array_record" or "tfds") is scored on up to
+``--per_category`` x 6 of its held-out records' captions instead (``eval.heldout``: does the
+sample's nearest held-out image in the frozen ViT's space carry its caption; the chance level
+and a feature Fréchet distance beside it): ``W/eval/heldout.json`` and ``W/eval/heldout.png``
+(caption, sample marked right or wrong, the real held-out image).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 from PIL import Image
 
-from iomm_jax import checkpointing, cli, inference, runtime, sharding
-from iomm_jax.data import pipeline
-from iomm_jax.eval import shapes_geneval
+from iomm_jax import checkpointing, cli, inference, metrics, runtime, sharding
+from iomm_jax.data import pipeline, shapes
+from iomm_jax.eval import heldout, shapes_geneval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -70,15 +77,18 @@ def run(
     step = saved[-1] if saved else None
   mesh = sharding.sampling_mesh() if mesh is None else mesh
   config, ctx, params = inference.load_generator(workdir, use_ema, step, mesh=mesh)
-  world = pipeline.world_from_config(config)
-  prompts = [m["prompt"] for m in shapes_geneval.select_prompts(world, per_category)]
-  cli.warn_unknown_words("iomm-eval", ctx.tokenizer, prompts)
   config.unlock()
   if cfg is not None:
     config.sample.cfg_scale = cfg
   if steps is not None:
     config.sample.num_steps = steps
   config.lock()
+  if config.data.source != "shapes":  # own data: its held-out records
+    return _own_data(workdir, config, ctx, params, per_category * len(shapes.CATEGORIES),
+                     seed, batch, mesh, step, use_ema)  # fmt: skip
+  world = pipeline.world_from_config(config)
+  prompts = [m["prompt"] for m in shapes_geneval.select_prompts(world, per_category)]
+  cli.warn_unknown_words("iomm-eval", ctx.tokenizer, prompts)
   ev = shapes_geneval.evaluate(
     config, ctx, params, per_category=per_category, seed=seed, batch_size=batch, mesh=mesh
   )
@@ -86,6 +96,26 @@ def run(
   if jax.process_index() == 0:
     _write(workdir, report, ev)
   runtime.barrier("iomm_jax eval files written")  # every process returns after the files
+  return report
+
+
+def _own_data(workdir, config, ctx, params, num, seed, batch, mesh, step, use_ema) -> dict:
+  """``eval.heldout`` of a run on its own data: ``W/eval/heldout.json`` and ``heldout.png``."""
+  report, gen, real = heldout.evaluate(config, ctx, params, num, seed, batch, mesh)
+  report = {**report, "step": step, "weights": "ema" if use_ema else "params"}
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    checkpointing.save_json(os.path.join(out, "heldout.json"), report)
+    rows = [(c, [g, r], [ok, None]) for c, g, r, ok in
+            zip(report["prompts"], gen, real, report["correct"], strict=True)][:32]  # fmt: skip
+    grid = metrics.labelled_grid(
+      rows, header=["sample", "held-out image"], legend="held-out captions (first 32)"
+    )
+    tmp = os.path.join(out, "heldout.tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, os.path.join(out, "heldout.png"))
+  runtime.barrier("iomm_jax eval files written")
   return report
 
 
@@ -116,9 +146,20 @@ def _main(argv):
     _WORKDIR.value, _STEP.value, _NUM.value, _SEED.value, _CFG.value, _STEPS.value, _EMA.value,
     _BATCH.value,
   )  # fmt: skip
-  print(shapes_geneval.markdown_table({f"{_WORKDIR.value} @ {report['step']}": report}))
+  if "caption_match" in report:  # own data
+    print(
+      f"{_WORKDIR.value} @ {report['step']}: held-out caption match "
+      f"{report['caption_match']:.3f} ± {report['caption_match_se']:.3f} "
+      f"(chance {report['chance']:.3f}; {report['num_images']} images, "
+      f"{report['distinct_captions']} distinct captions), feature FD {report['feature_fd']:.4f} "
+      f"(real halves {report['real_split_fd']:.4f}), empty {report['empty']:.3f}"
+    )
+    name = "heldout.json"
+  else:
+    print(shapes_geneval.markdown_table({f"{_WORKDIR.value} @ {report['step']}": report}))
+    name = "shapes_geneval.json"
   if jax.process_index() == 0:
-    print(f"wrote {os.path.join(_WORKDIR.value, 'eval', 'shapes_geneval.json')}")
+    print(f"wrote {os.path.join(_WORKDIR.value, 'eval', name)}")
   print(json.dumps(report))
 
 

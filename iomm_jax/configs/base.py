@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.mllm_dtype = "float32"  # compute and storage dtype of the frozen MLLM
   m.mllm_from = ""  # workdir of a stage-0 run (or converted MLLM checkpoint dir) to freeze
   m.mllm_init = "checkpoint"  # "checkpoint" (from mllm_from) or "random" (ablation)
+  # stage 0's tokenizer: a tokenizer.model (or a workdir holding one) to copy, else "" to train
+  # one on the data's captions (the shapes grammar, or own records) with this soft vocabulary
+  m.tokenizer_from = ""
+  m.tokenizer_vocab = 256
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "shapes"  # "shapes" (embedded procedural world), "array_record" or "tfds"
@@ -57,6 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.tfds_split = "train"  # "tfds": the split trained on
   d.image_key = "image"  # "tfds": the image feature
   d.caption_key = "caption"  # "tfds": the caption feature (missing = image-only)
+  # own data: the last N records of the source, never trained on, for the sample grids,
+  # iomm-eval and the probes (the shapes world holds out prompts instead: data.holdout)
+  d.holdout_records = 0
   d.features = ""  # iomm-cache-features folder: read instead of source/path ("": encode online)
   d.vae_latent = "mean"  # VAE target latent: posterior "mean" or a "sample" (online and cached)
   d.canvas = 32  # shapes world: canvas side in pixels

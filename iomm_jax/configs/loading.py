@@ -236,22 +236,41 @@ def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> Non
     )
 
 
+class ConfigError(ValueError):
+  """A config value ``validate`` refuses; its one line names the keys. The absl commands
+  (``iomm_jax.cli.run``) print it as a usage error, without a traceback."""
+
+
 def validate(
   config: ml_collections.ConfigDict,
   num_devices: int,
   num_processes: int = 1,
   require_inputs: bool = True,
 ) -> None:
-  """Checks values that would otherwise fail late or silently; errors name the key.
+  """Checks values that would otherwise fail late or silently; errors (``ConfigError``, a
+  ValueError) name the key.
 
   ``num_devices`` / ``num_processes``: of the whole (possibly multi-process) run; the mesh
   (``config.sharding.mesh``) must fit the devices and the batch must split over its data x fsdp
   shards and over the processes. ``require_inputs=False`` (planning from abstract shapes) skips
-  the checks of the weights a run reads (``model.mllm_from``, ``train.init_from``).
+  the checks of the weights a run reads (``model.mllm_from``, ``train.init_from``). The image
+  sizes of a generator stage: ``check_image_size``.
   """
+  try:
+    _validate(config, num_devices, num_processes, require_inputs)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def _validate(
+  config: ml_collections.ConfigDict, num_devices: int, num_processes: int, require_inputs: bool
+) -> None:
   d, t = config.diffusion, config.train
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r} unknown; choose from {STAGES}")
+  check_image_size(config)  # first: the sizes are what the other values are for
   if not 0.0 <= d.mask_ratio < 1.0:
     raise ValueError(f"config.diffusion.mask_ratio={d.mask_ratio} must be in [0, 1)")
   if not 0.0 <= d.mix_ratio <= 1.0:
@@ -301,4 +320,100 @@ def check_features(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.data.features={d.features!r}: cached features serve config.stage 'pretrain' and "
       f"'finetune', not {config.stage!r}"
+    )
+
+
+def _multiples(size: int, q: int) -> str:
+  """The multiples of ``q`` nearest ``size``: "28 or 32" (just ``q`` below it)."""
+  below = size // q * q
+  return f"{below} or {below + q}" if below > 0 else str(q)
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def codec_downsampling(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(f, the keys that set it, for a message): the spatial reduction of ``config.model``'s
+  codec, ``model.codec_factor`` ("pixel") or the ``model.vae`` variant's ("vae")."""
+  from iomm_jax.models import codec as codec_lib  # dataclass fields only: no JAX work
+
+  m = config.model
+  if m.codec == "pixel":
+    if not _positive_int(m.codec_factor):
+      raise ConfigError(f"config.model.codec_factor={m.codec_factor!r} must be a positive integer")
+    return m.codec_factor, f"config.model.codec_factor ({m.codec_factor})"
+  if m.codec != "vae":
+    raise ConfigError(
+      f"config.model.codec={m.codec!r} unknown; choose from {sorted(codec_lib.CODECS)}"
+    )
+  if m.vae not in codec_lib.VAE_VARIANTS:
+    raise ConfigError(
+      f"config.model.vae={m.vae!r} unknown; choose from {sorted(codec_lib.VAE_VARIANTS)}"
+    )
+  f = codec_lib.VAE_VARIANTS[m.vae].downsample
+  return f, f"the downsampling of config.model.vae={m.vae!r} ({f})"
+
+
+def generator_patch(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(p, the keys that set it, for a message): the side of the latent patch packed into one
+  generator token, ``MMDiTConfig.latent_patch`` of ``model.generator`` or of its
+  ``model.generator_overrides``."""
+  from iomm_jax.models import mmdit as mmdit_lib  # dataclass fields only: no JAX work
+
+  m = config.model
+  if m.generator not in mmdit_lib.MMDIT_VARIANTS:
+    raise ConfigError(
+      f"config.model.generator={m.generator!r} unknown; choose from "
+      f"{sorted(mmdit_lib.MMDIT_VARIANTS)}"
+    )
+  over = m.get("generator_overrides", "")  # .get: workdir configs from before the key
+  p = mmdit_lib.parse_overrides(over).get("latent_patch")
+  if p is None:
+    p = mmdit_lib.MMDIT_VARIANTS[m.generator].latent_patch
+    where = f"config.model.generator={m.generator!r}"
+  else:
+    where = f"config.model.generator_overrides={over!r}"
+  if not _positive_int(p):
+    raise ConfigError(f"{where}: latent_patch={p!r} must be a positive integer")
+  return p, f"the latent_patch of {where} ({p})"
+
+
+def check_image_size(config: ml_collections.ConfigDict) -> None:
+  """The image sizes of a generator stage. ``model.image_size`` must be a multiple of the
+  codec's downsampling f (``codec_downsampling``) x the generator's latent patch p
+  (``generator_patch``): the (image_size / f)^2 latent is packed into whole p x p tokens. On the
+  shapes world (``data.source`` "shapes") ``data.canvas`` must equal it: the world renders the
+  training images (and the detector scores samples) at the canvas size.
+
+  Stage 0 (``mllm``) trains no generator; its images only reach the ViT, which resizes them to
+  its own input (``iomm.vit_pixels``), so any sizes work there (the ViT's own patch grid is
+  checked by its ``MLLMConfig``, which no config key resizes)."""
+  if config.stage not in ("pretrain", "finetune"):
+    return
+  s = config.model.image_size
+  if not _positive_int(s):
+    raise ConfigError(f"config.model.image_size={s!r} must be a positive integer (pixels)")
+  f, codec_keys = codec_downsampling(config)
+  p, patch_keys = generator_patch(config)
+  q = f * p
+  if s % q:
+    why = (
+      f"the image does not split into whole {f}x{f} codec cells ({s} / {f} = {s / f:g})"
+      if s % f
+      else f"the latent ({s // f}x{s // f}) must split into whole {p}x{p} patches"
+    )
+    raise ConfigError(
+      f"config.model.image_size={s} is not divisible by {codec_keys} x {patch_keys} = {q}: "
+      f"{why}; use a multiple of {q} such as {_multiples(s, q)}"
+    )
+  d = config.data
+  if d.source == "shapes" and d.canvas != s:
+    fix = f"set config.data.canvas={s}"
+    if _positive_int(d.canvas) and d.canvas % q == 0:
+      fix += f" or config.model.image_size={d.canvas}"
+    raise ConfigError(
+      f"config.data.canvas={d.canvas} differs from config.model.image_size={s}: the shapes "
+      f"world (config.data.source='shapes') renders its images at data.canvas px and the "
+      f"generator trains on and samples model.image_size px, so they must be equal; {fix}"
     )

@@ -260,7 +260,12 @@ def make_dataset(
   """The batched training dataset of ``config.stage`` over ``config.data.source``."""
   world, seed = world_from_config(config), config.seed
   if config.data.source != "shapes" or config.data.features:  # real data (data.sources)
-    return _finish_records(*sources.record_dataset(config, conditioner), config)
+    captioning = (
+      Captioning(conditioner.tokenizer, conditioner.num_image_tokens, seq_len)
+      if config.stage == "mllm"
+      else None
+    )
+    return _finish_records(*sources.record_dataset(config, conditioner, captioning), config)
   if config.stage == "mllm":
     ds = grain.MapDataset.source(ShapesStream(world, seed + 1))
     return _finish(

@@ -17,7 +17,12 @@ Stage 1 ("pretrain") uses every record image-only (captions unused). Stage 2 ("f
 a captioned record an image-only sample with probability ``config.diffusion.mix_ratio`` and a
 caption-conditioned one otherwise; a record without a caption is always image-only (so with
 sparse captions the image-only share is above lambda). Captions longer than
-``config.model.max_text_len`` tokens are cut to it. Stage 0 ("mllm") trains on shapes only.
+``config.model.max_text_len`` tokens are cut to it. Stage 0 ("mllm") captions the captioned
+records (next-token loss; a record without a caption is skipped and counted in ``data_skipped``).
+
+Held out: the last ``config.data.holdout_records`` records of the source (by index, before any
+shuffle) are never trained on; ``heldout`` reads them for the sample grids, ``iomm-eval`` and
+``benchmarks/condition_use.py``, and ``caption_corpus`` (the run's tokenizer) reads the others.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class RecordSample(grain.transforms.RandomMap):
   kind: str = "array_record"
   image_key: str = "image"
   caption_key: str = "caption"
+  captioning: Any = None  # stage 0: a pipeline.Captioning that makes the sequence of a caption
 
   def random_map(self, element, rng: np.random.Generator):
     draw = rng.random()  # drawn first, whatever the record, so the stream is deterministic
@@ -99,6 +105,10 @@ class RecordSample(grain.transforms.RandomMap):
       )
     except decode.BadRecord as e:
       return {BAD: e.reason}
+    if self.captioning is not None:  # stage 0
+      if caption is None:
+        return {BAD: "no caption"}
+      return self.captioning.map({"image": image, "caption": caption})
     return {
       "image": image,
       **condition_fields(self.conditioner, self.stage, self.mix_ratio, caption, draw),
@@ -215,13 +225,107 @@ def open_features(config: ml_collections.ConfigDict) -> tuple[object, str, featu
   return src, f"config.data.features={path!r} ({mpath})", features.specs_from_json(m["arrays"])
 
 
-def record_dataset(config: ml_collections.ConfigDict, conditioner) -> tuple[grain.MapDataset, str]:
-  """Shuffled, repeated, per-process samples of ``config.data`` (``BAD`` markers included)."""
-  if config.stage not in ("pretrain", "finetune"):
+def num_heldout(config: ml_collections.ConfigDict, total: int, where: str) -> int:
+  """How many of the source's ``total`` records are held out (``config.data.holdout_records``;
+  a workdir config from before the key holds out none). Refused when nothing would be left."""
+  n = int(config.data.get("holdout_records", 0))
+  if n < 0 or n >= total:
     raise ValueError(
-      f"config.stage={config.stage!r} trains on the shapes world only; "
-      f"config.data.source={config.data.source!r} serves stages 'pretrain' and 'finetune'"
+      f"config.data.holdout_records={n}: {where} holds {total} records; hold out at least 0 "
+      f"and fewer than {total}"
     )
+  return n
+
+
+def _without_heldout(config, src, where: str) -> tuple[grain.MapDataset, str]:
+  n = num_heldout(config, len(src), where)
+  ds = grain.MapDataset.source(src)
+  return (ds[: len(src) - n], f"{where}, {n} held out") if n else (ds, where)
+
+
+def training_source(config: ml_collections.ConfigDict) -> tuple[grain.MapDataset, str]:
+  """``open_source`` without the held-out records (the last ``data.holdout_records``)."""
+  return _without_heldout(config, *open_source(config))
+
+
+def _read(config: ml_collections.ConfigDict, src, i: int) -> tuple[np.ndarray, str | None]:
+  d = config.data
+  return decode_element(src[i], config.model.image_size, d.source, d.image_key, d.caption_key)
+
+
+def heldout(
+  config: ml_collections.ConfigDict, n: int, captioned: bool = True, or_training: bool = False
+) -> list[tuple[np.ndarray, str | None]]:
+  """Up to ``n`` held-out records as (image uint8 [S, S, 3], caption), in source order (with
+  ``captioned``, only those with a caption); undecodable ones are passed over. Without held-out
+  records (``data.holdout_records = 0``) it is an error naming the key (an evaluation on
+  training images would mislead), unless ``or_training``: then the folder's first records
+  (the training-time grids of such a run, labelled as training records)."""
+  src, where = open_source(config)
+  k = num_heldout(config, len(src), where)
+  if not k and not or_training:
+    raise ValueError(
+      f"config.data.holdout_records=0: {where} has no held-out records to evaluate or probe "
+      "on; train with it set (e.g. 64), so that they are never trained on"
+    )
+  out = []
+  for i in range(len(src) - k, len(src)) if k else range(len(src)):
+    try:
+      image, caption = _read(config, src, i)
+    except decode.BadRecord:
+      continue
+    if caption is not None or not captioned:
+      out.append((image, caption))
+    if len(out) == n:
+      break
+  if captioned and not out:
+    which = "held-out record" if k else "record"
+    raise ValueError(f"config.data.holdout_records={k}: no {which} of {where} is captioned")
+  return out
+
+
+def caption_corpus(config: ml_collections.ConfigDict, limit: int = 200_000) -> list[str]:
+  """The captions of the training records (held-out ones excluded), up to ``limit``: what the
+  run's tokenizer is trained on. An iomm-prepare folder's are read without decoding images."""
+  src, where = training_source(config)
+  d = config.data
+  out = []
+  for i in range(len(src)):
+    try:
+      if d.source == "array_record":
+        caption = records.decode_record(src[i]).get("caption")
+      else:
+        caption = src[i].get(d.caption_key)
+    except (ValueError, KeyError, TypeError):
+      continue
+    caption = decode.clean_caption(caption)
+    if caption:
+      out.append(caption)
+      if len(out) == limit:
+        break
+  return out
+
+
+def record_dataset(
+  config: ml_collections.ConfigDict, conditioner, captioning=None
+) -> tuple[grain.MapDataset, str]:
+  """Shuffled, repeated, per-process samples of ``config.data`` (``BAD`` markers included), the
+  held-out records left out. Stage 0 ("mllm") needs ``captioning`` (a ``pipeline.Captioning``)."""
+  if config.stage == "mllm":
+    if config.data.features:
+      raise ValueError(
+        f"config.data.features={config.data.features!r}: stage 0 trains the MLLM's own "
+        "encoder, so it reads images; leave config.data.features empty"
+      )
+    if config.data.source == "array_record":
+      m = records.read_manifest(config.data.path)
+      if not m.get("num_captioned", 1):
+        raise ValueError(
+          f"config.data.path={config.data.path!r} holds no captioned record: stage 0 trains "
+          "the MLLM to caption (prepare the folder with caption sidecars or --captions-jsonl)"
+        )
+  elif config.stage not in ("pretrain", "finetune"):
+    raise ValueError(f"config.stage={config.stage!r} unknown")
   if config.stage == "finetune" and config.data.image_only_source != "pairs":
     raise ValueError(
       f"config.data.image_only_source={config.data.image_only_source!r}: with "
@@ -229,10 +333,11 @@ def record_dataset(config: ml_collections.ConfigDict, conditioner) -> tuple[grai
       "set it to 'pairs'"
     )
   if config.data.features:  # cached features instead of records (train/cache.py checks them)
-    src, where, specs = open_features(config)
+    src, where, specs = open_features(config)  # record i is record i of the prepared folder
+    src, where = _without_heldout(config, src, where)
     sample = FeatureSample(conditioner, config.stage, config.diffusion.mix_ratio, specs)
   else:
-    src, where = open_source(config)
+    src, where = training_source(config)
     sample = RecordSample(
       conditioner,
       config.model.image_size,
@@ -241,6 +346,7 @@ def record_dataset(config: ml_collections.ConfigDict, conditioner) -> tuple[grai
       config.data.source,
       config.data.image_key,
       config.data.caption_key,
+      captioning,
     )
-  ds = grain.MapDataset.source(src).shuffle(seed=config.seed + 7).repeat(None)
+  ds = src.shuffle(seed=config.seed + 7).repeat(None)
   return ds.random_map(sample, seed=config.seed + 8), where

@@ -24,14 +24,16 @@ from iomm_jax import checkpointing, optim, runtime, sharding
 from iomm_jax.convert import internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
-from iomm_jax.data import pipeline, shapes
+from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.train import loop, steps
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_VOCAB = 256  # soft limit: the grammar's words and the aux prompt's become whole pieces
+TOKENIZER_VOCAB = (
+  256  # default soft limit (config.model.tokenizer_vocab): shapes words are whole pieces
+)
 MLLM_SEED = 17  # offset of the MLLM's init seed from config.seed
 HF_TOKENIZER_DIR = "hf_tokenizer"  # workdir copy of an imported MLLM's tokenizer files
 FROM_CHECKPOINT = "from_checkpoint"  # config.model.mllm: the imported checkpoint's own config
@@ -48,9 +50,37 @@ class GenerationContext:
 
 
 def train_tokenizer(config: ml_collections.ConfigDict, path: str) -> Tokenizer:
-  """A sentencepiece tokenizer over the shapes caption grammar and the auxiliary prompt."""
-  corpus = shapes.all_caption_corpus(pipeline.world_from_config(config))
-  return Tokenizer.train(corpus + [config.model.aux_prompt], TOKENIZER_VOCAB, path or None)
+  """The run's sentencepiece tokenizer (written to ``path`` unless it is ""): a copy of
+  ``config.model.tokenizer_from`` (a tokenizer.model, or a workdir holding one), else trained on
+  the shapes caption grammar (``data.source = "shapes"``) or on the captions of the run's
+  training records (own data; held-out records excluded), plus the auxiliary prompt, with a
+  soft vocabulary of ``config.model.tokenizer_vocab`` pieces."""
+  m = config.model
+  given = m.get("tokenizer_from", "")
+  if given:
+    file = os.path.join(given, TOKENIZER_FILE) if os.path.isdir(given) else given
+    if not os.path.isfile(file):
+      raise FileNotFoundError(
+        f"config.model.tokenizer_from={given!r} is not a {TOKENIZER_FILE} nor a folder holding one"
+      )
+    try:
+      tok = Tokenizer.load(file)
+    except (ValueError, RuntimeError) as e:  # not sentencepiece, or other special ids
+      raise ValueError(f"config.model.tokenizer_from={given!r}: {e}") from None
+    if path:
+      tok.save(path)
+    return tok
+  if config.data.source == "shapes":
+    corpus = shapes.all_caption_corpus(pipeline.world_from_config(config))
+  else:
+    corpus = sources.caption_corpus(config)
+    if not corpus:
+      raise ValueError(
+        f"config.data.path={config.data.path!r} has no captioned training record to train the "
+        "tokenizer on: caption the data, or set config.model.tokenizer_from"
+      )
+  vocab = int(m.get("tokenizer_vocab", TOKENIZER_VOCAB))
+  return Tokenizer.train(corpus + [m.aux_prompt], vocab, path or None)
 
 
 def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:

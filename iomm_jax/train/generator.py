@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, inference, metrics, sharding
-from iomm_jax.data import pipeline, shapes
+from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.models import iomm
 from iomm_jax.train import cache, context, loop, steps
 
@@ -96,6 +96,8 @@ def setup(
   if config.data.features:  # encoded by this run's frozen encoders? (else an error naming both)
     cache.check_run(config, ctx.model, ctx.frozen)
   data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
+  # own data: the held-out records are read (or refused) before training, not after it
+  grid = grid_material(config, sample_kind) if config.sample.num_grid else None
   optimizer, step = make_step(config, ctx.model, *ctx.conditioner.null_condition())
   state, state_sh, ckpt, start = loop.restore_or_init(
     config,
@@ -118,7 +120,7 @@ def setup(
     ckpt,
     meta,
     sample_fn=(
-      (lambda s: sample_grid(ctx, config, s, sample_kind)) if config.sample.num_grid else None
+      (lambda s: sample_grid(ctx, config, s, sample_kind, grid)) if config.sample.num_grid else None
     ),
     start_step=start,
     mesh=mesh,
@@ -126,7 +128,10 @@ def setup(
 
 
 def grid_prompts(config: ml_collections.ConfigDict) -> list[str]:
-  """``config.sample.num_grid`` held-out evaluation prompts, spread over the categories."""
+  """``config.sample.num_grid`` held-out evaluation prompts: the shapes world's, spread over the
+  categories, or (own data) the captions of the first captioned held-out records."""
+  if config.data.source != "shapes":  # (training records when none are held out)
+    return [c for _, c in sources.heldout(config, config.sample.num_grid, or_training=True)]
   metas = shapes.eval_prompts(pipeline.world_from_config(config), per_category=None)
   by_cat: dict[str, list[str]] = {}
   for m in metas:
@@ -135,39 +140,64 @@ def grid_prompts(config: ml_collections.ConfigDict) -> list[str]:
   return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(config.sample.num_grid)]
 
 
+def _what(config: ml_collections.ConfigDict) -> str:
+  """What the grid's prompts are: held-out ones, or (own data, none held out) training ones."""
+  if config.data.source == "shapes" or config.data.get("holdout_records", 0):
+    return "held-out prompts"
+  return "training captions (config.data.holdout_records=0)"
+
+
+def grid_sources(config: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 [N, S, S, 3] source images of the stage-1 grid: ``config.sample.num_grid`` fresh
+  shapes scenes, or (own data) held-out records' images."""
+  if config.data.source != "shapes":
+    held = sources.heldout(config, config.sample.num_grid, captioned=False, or_training=True)
+    return np.stack([image for image, _ in held])
+  world = pipeline.world_from_config(config)
+  return np.stack(
+    [
+      shapes.render(shapes.sample_scene(np.random.default_rng((7, i)), world), world)
+      for i in range(config.sample.num_grid)
+    ]
+  )
+
+
+def grid_material(config: ml_collections.ConfigDict, kind: str) -> list[str] | np.ndarray:
+  """What the grid of ``kind`` shows: prompts ("text") or source images ("image")."""
+  return grid_prompts(config) if kind == "text" else grid_sources(config)
+
+
 def sample_grid(
   ctx: context.GenerationContext,
   config: ml_collections.ConfigDict,
   state: steps.TrainState,
   kind: str,
+  material: list[str] | np.ndarray | None = None,
 ) -> np.ndarray:
   """A PNG-ready grid: one row per held-out prompt, labelled with it ("text"), or, for
   "image", each row a source image (the column headed "source") followed by generations from
-  its masked self-condition."""
+  its masked self-condition. ``material``: ``grid_material`` (read here if not given)."""
   s = config.sample
   params = steps.ema_params(state) if s.use_ema else state.params
   seed = config.seed + 99
+  if material is None:
+    material = grid_material(config, kind)
   if kind == "text":
-    names = grid_prompts(config)
+    names = list(material)
     prompts = [p for p in names for _ in range(s.per_prompt)]
     imgs = inference.sample_prompts(config, ctx, params, prompts, seed=seed)
     rows = [(p, list(imgs[i * s.per_prompt : (i + 1) * s.per_prompt]), None) for i, p in
             enumerate(names)]  # fmt: skip
-    return metrics.labelled_grid(rows, legend=f"step {int(state.step)}: held-out prompts")
-  world = pipeline.world_from_config(config)
-  src = np.stack(
-    [
-      shapes.render(shapes.sample_scene(np.random.default_rng((7, i)), world), world)
-      for i in range(s.num_grid)
-    ]
-  )
+    return metrics.labelled_grid(rows, legend=f"step {int(state.step)}: {_what(config)}")
+  src = np.asarray(material)
   cond = np.repeat(src, s.per_prompt, axis=0)
   ids, valid = ctx.conditioner.image_condition()
   ids, valid = np.tile(ids, (len(cond), 1)), np.tile(valid, (len(cond), 1))
   r = config.diffusion.mask_ratio
   imgs = inference.sample(config, ctx, params, ids, valid, seed, images=cond, mask_ratio=r)
-  imgs = imgs.reshape(s.num_grid, s.per_prompt, *imgs.shape[1:])
-  rows = [(f"scene {i}", [src[i], *imgs[i]], None) for i in range(s.num_grid)]
+  imgs = imgs.reshape(len(src), s.per_prompt, *imgs.shape[1:])
+  label = {"shapes": "scene"}.get(config.data.source, _what(config).split(" ")[0] + " image")
+  rows = [(f"{label} {i}", [src[i], *imgs[i]], None) for i in range(len(src))]
   header = ["source"] + [f"sample {k + 1}" for k in range(s.per_prompt)]
   legend = (
     f"step {int(state.step)}: source image, then samples conditioned on it with "

@@ -146,10 +146,11 @@ def test_errors_name_the_config_keys_and_the_manifest(data_dir, tmp_path, condit
     )
   with pytest.raises(ValueError, match=r"config.data.source='parquet' unknown"):
     pipeline.make_dataset(cfg(**{"data.source": "parquet"}), conditioner)
-  with pytest.raises(ValueError, match=r"config.stage='mllm' trains on the shapes world only"):
+  # stage 0 reads captioned records (tests/data/test_own_data.py), but images, not features
+  with pytest.raises(ValueError, match=r"config.data.features=.*stage 0 trains the MLLM's own"):
     c = load_config(os.path.join(EXP, "shapes", "mllm.py:quick"))
     with c.unlocked():
-      c.data.source, c.data.path = "array_record", data_dir
+      c.data.source, c.data.path, c.data.features = "array_record", data_dir, str(tmp_path)
     pipeline.make_dataset(c, conditioner, seq_len=64)
   with pytest.raises(ValueError, match="config.data.tfds_name='nope'"):
     pipeline.make_dataset(
