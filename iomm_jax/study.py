@@ -249,7 +249,8 @@ def recipe(arm: Arm, seed: int, scale: Scale, metric: str) -> Recipe:
     stages.append(as_dict(_finetune_run(arm, seed, scale, root, "q", mllm_from, src)[1]))
     defaults.append(as_dict(_config("finetune", scale, scale.finetune_steps, {})))
   n = scale.eval_per_category if metric == "geneval" else scale.edits_per_kind
-  return Recipe({"stages": stages, "metric": metric, "n": n, "v": 1}, tuple(defaults))
+  v = 3 if metric == "editing" else 1  # the protocol's version (editing: v3, noise per task)
+  return Recipe({"stages": stages, "metric": metric, "n": n, "v": v}, tuple(defaults))
 
 
 METRICS = ("geneval", "editing", "reconstruction")
@@ -267,11 +268,12 @@ def _evaluate(wd: str, scale: Scale, metric: str) -> dict[str, Any]:
   reconstruction control (of a stage-1 run: preservation of the source's objects when it is
   its own condition, unmasked or masked)."""
   n = scale.eval_per_category if metric == "geneval" else scale.edits_per_kind
-  # v2 of the editing report adds the reconstruction control, "pc" the per-category GenEval
+  # v2 of the editing report adds the reconstruction control (v3: noise per task, that of
+  # iomm-edit), "pc" the per-category GenEval
   # protocol of shapes_geneval.evaluate (older caches are recomputed)
   name = {
     "geneval": f"study_geneval_pc{n}.json",
-    "editing": f"study_editing_v2_{n}.json",
+    "editing": f"study_editing_v3_{n}.json",
     "reconstruction": f"study_reconstruction_{n}.json",
   }[metric]
   path = os.path.join(wd, "eval", name)

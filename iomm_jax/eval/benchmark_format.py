@@ -10,6 +10,9 @@ Layouts (``outdir`` = D):
     evaluator crops it back into equal tiles; 4 samples = 2x2).
   * ``wise``: WISE's JSON prompt files (a list of ``{"Prompt", "prompt_id", ...}``; one file or a
     folder of them); writes ``D/<prompt_id>.png``, one image per prompt.
+  * ``imgedit`` (``iomm-edit``; items from ``iomm_jax.edit.read_edits``): ImgEdit-Bench's
+    ``{id: {"id": source file, "prompt": instruction, ...}}``; writes ``D/<id>.png``, one edited
+    image per id (the layout its ``basic_bench.py`` reads).
 
 Every image's noise comes from ``(seed, prompt index, sample index)`` alone, so an interrupted
 run resumed later (existing images are skipped) gives the same images as one uninterrupted run
@@ -41,7 +44,8 @@ from tqdm import tqdm
 
 from iomm_jax import metrics, runtime
 
-FORMATS = ("geneval", "wise", "dpg")
+FORMATS = ("geneval", "wise", "dpg")  # iomm-sample's (prompt files)
+EDIT_FORMAT = "imgedit"  # iomm-edit's (its items carry a source image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +155,10 @@ def check_count(fmt: str, num_per_prompt: int) -> None:
   """The sample counts each evaluator accepts."""
   if num_per_prompt < 1:
     raise ValueError(f"--num_per_prompt must be >= 1, got {num_per_prompt}")
-  if fmt == "wise" and num_per_prompt != 1:
+  if fmt in ("wise", EDIT_FORMAT) and num_per_prompt != 1:
+    name = {"wise": "WISE", EDIT_FORMAT: "ImgEdit"}[fmt]
     raise ValueError(
-      f"WISE scores one image per prompt: --num_per_prompt must be 1, got {num_per_prompt}"
+      f"{name} scores one image per prompt: --num_per_prompt must be 1, got {num_per_prompt}"
     )
   if fmt == "dpg" and math.isqrt(num_per_prompt) ** 2 != num_per_prompt:
     raise ValueError(
@@ -222,7 +227,9 @@ class Writer:
       return
     imgs = np.stack([samples[j] for j in range(self.n)])
     side = math.isqrt(self.n)
-    _save_png(self._image_path(item), metrics.image_grid(imgs, rows=side, pad=0))
+    path = self._image_path(item)
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # (iomm-edit: a folder's sub-folders)
+    _save_png(path, metrics.image_grid(imgs, rows=side, pad=0))
 
 
 def jobs(
@@ -267,12 +274,14 @@ def generate(
   batch: int,
   progress: bool = True,
   num_devices: int = 1,
+  pass_items: bool = False,
 ) -> dict[str, int]:
   """Generates every missing unit of ``items`` with ``sample_fn(prompts, keys) -> uint8
-  images`` in calls of ``batch`` images per device (``batch * num_devices`` per call; the
-  images on every process) and writes them (process 0); returns counts of prompts done before
-  and now, images generated, and images this process wrote (each is written once, by process
-  0). Every process must call it with the same arguments."""
+  images`` (with ``pass_items``, ``sample_fn(items, keys)``: one item per image, e.g. an edit
+  and its source) in calls of ``batch`` images per device (``batch * num_devices`` per call;
+  the images on every process) and writes them (process 0); returns counts of prompts done
+  before and now, images generated, and images this process wrote (each is written once, by
+  process 0). Every process must call it with the same arguments."""
   if batch < 1:
     raise ValueError(f"--batch must be >= 1, got {batch}")
   if num_devices < 1:
@@ -290,7 +299,7 @@ def generate(
   written = 0
   for chunk in jobs(pending, batch * num_devices):
     keys = sample_keys(seed, [(it, j) for it, j, _ in chunk])
-    images = sample_fn([it.prompt for it, _, _ in chunk], keys)
+    images = sample_fn([it if pass_items else it.prompt for it, _, _ in chunk], keys)
     for (item, j, last), img in zip(chunk, images, strict=True):
       buffers.setdefault(item.key, {})[j] = img
       if last:

@@ -2,7 +2,8 @@
 
 No editing data is ever trained on. At test time the condition is the instruction followed by
 the source image's (unmasked) vision tokens, ``[BOS] instruction <img> tokens </img>``, the
-layout of stage 1's image-only conditions with the auxiliary prompt replaced by the instruction.
+layout of stage 1's image-only conditions with the auxiliary prompt replaced by the instruction
+(``iomm_jax.edit``, the route of ``iomm-edit``).
 
 Tasks (each on a random source scene of 1 to grid**2 - 1 objects):
   * ``recolor``: "make the {shape} {colour}": the scene's only object of that shape, recoloured;
@@ -29,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from iomm_jax import edit as edit_lib
 from iomm_jax import inference
 from iomm_jax.data import pipeline, shapes
-from iomm_jax.eval import shapes_detector
+from iomm_jax.eval import benchmark_format, shapes_detector
 
 KINDS = ("recolor", "add")
 RECONSTRUCT_RATIOS = (0.0, 0.85)  # mask ratios of the reconstruction control
@@ -115,24 +117,6 @@ def score(
   return success, float(np.mean(kept)) if kept else None
 
 
-def edit_conditions(conditioner: pipeline.Conditioner, instructions: list[str]):
-  """[B, cond_len] ids and validity of ``instruction <img> ... </img>`` conditions."""
-  t = conditioner.tokenizer
-  img = [t.img_start_id] + [t.img_context_id] * conditioner.num_image_tokens + [t.img_end_id]
-  ids, valid = [], []
-  for text in instructions:
-    seq = t.encode(text, bos=True) + img
-    if len(seq) > conditioner.cond_len:
-      raise ValueError(
-        f"instruction {text!r} is too long: {len(seq)} tokens with the image, condition length "
-        f"{conditioner.cond_len}"
-      )
-    i, v = conditioner._pad(seq)
-    ids.append(i)
-    valid.append(v)
-  return np.stack(ids), np.stack(valid)
-
-
 def score_reconstruction(
   image: np.ndarray, scene: shapes.Scene, world: shapes.WorldConfig
 ) -> tuple[bool, float]:
@@ -164,6 +148,13 @@ def reconstruct(
   return out
 
 
+def task_keys(tasks: list[EditTask], seed: int):
+  """One noise key per task: ``iomm-edit``'s for the task's position in an edit list (so the
+  CLI, given these tasks as files, draws the images this scorer scores)."""
+  items = [benchmark_format.Item(str(i), t.instruction, i) for i, t in enumerate(tasks)]
+  return benchmark_format.sample_keys(seed, [(it, 0) for it in items])
+
+
 def evaluate(
   config, ctx, params, per_kind: int = 32, seed: int = 0, reconstruction: bool = True
 ) -> dict[str, Any]:
@@ -171,9 +162,9 @@ def evaluate(
   ``reconstruction`` is False) the reconstruction control on ``per_kind`` scenes."""
   world = pipeline.world_from_config(config)
   tasks = make_tasks(world, per_kind, seed)
-  ids, valid = edit_conditions(ctx.conditioner, [t.instruction for t in tasks])
   sources = np.stack([shapes.render(t.source, world) for t in tasks])
-  images = inference.sample(config, ctx, params, ids, valid, seed, images=sources, mask_ratio=0.0)
+  images = edit_lib.edit(config, ctx, params, sources, [t.instruction for t in tasks],
+                         task_keys(tasks, seed))  # fmt: skip
   out = summarise([score(img, t, world) for img, t in zip(images, tasks, strict=True)], tasks)
   if reconstruction:
     out["reconstruction"] = reconstruct(config, ctx, params, per_kind, seed)

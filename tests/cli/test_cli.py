@@ -217,3 +217,57 @@ def test_flags_take_dashes_or_underscores():
   assert absl_argv(argv) == [
     "prog", "--num_per_prompt=4", "--noema", "--prompts_file", "a-b.json", "--config.x=y-z"
   ]  # fmt: skip
+
+
+def test_edit_cli_is_the_studys_zero_shot_route(demo, tmp_path):
+  """iomm-edit on shapes-world editing tasks written as an ImgEdit-style JSON: one PNG per id
+  (ImgEdit's layout), the images the study's editing scorer draws for the same tasks (so both
+  score the same), resumable, and a folder mode that mirrors its layout."""
+  import numpy as np
+  from PIL import Image
+
+  from iomm_jax import inference
+  from iomm_jax.data import pipeline, shapes
+  from iomm_jax.eval import shapes_editing
+
+  wd = os.path.join(demo[0], "finetune")
+  config, ctx, params = inference.load_generator(wd)
+  world = pipeline.world_from_config(config)
+  tasks = shapes_editing.make_tasks(world, per_kind=2, seed=0)  # recolour and add
+  src = tmp_path / "sources"
+  (src / "sub").mkdir(parents=True)
+  table = {}
+  for i, t in enumerate(tasks):
+    name = f"{i:03d}.png" if i % 2 else f"sub/{i:03d}.png"
+    Image.fromarray(shapes.render(t.source, world)).save(src / name)
+    table[f"task{i}"] = {"id": name, "prompt": t.instruction, "edit_type": t.kind}
+  (tmp_path / "edits.json").write_text(json.dumps(table))
+  out = tmp_path / "edited"
+  args = ["iomm-edit", "--workdir", wd, "--edits", str(tmp_path / "edits.json"), "--image_root",
+          str(src), "--outdir", str(out), "--batch", "32", "--progress=false"]  # fmt: skip
+  proc = run(*args)
+  assert sorted(os.listdir(out)) == sorted(f"{k}.png" for k in table)
+  got = np.stack([np.asarray(Image.open(out / f"task{i}.png")) for i in range(len(tasks))])
+  ev = shapes_editing.evaluate(config, ctx, params, per_kind=2, seed=0, reconstruction=False)
+  sources = np.stack([shapes.render(t.source, world) for t in tasks])
+  want = shapes_editing.edit_lib.edit(config, ctx, params, sources,
+                                      [t.instruction for t in tasks],
+                                      shapes_editing.task_keys(tasks, 0))  # fmt: skip
+  assert got.shape == (len(tasks), config.model.image_size, config.model.image_size, 3)
+  assert np.array_equal(got, want)  # the study's images (the same batch shape: 32)
+  scored = shapes_editing.summarise([shapes_editing.score(g, t, world) for g, t in
+                                     zip(got, tasks, strict=True)], tasks)  # fmt: skip
+  assert scored["success"] == ev["success"] and set(scored["kinds"]) == {"recolor", "add"}
+  # resumed: nothing left to do; a removed output comes back identical
+  assert '"generated_images": 0' in run(*args).stdout
+  os.remove(out / "task1.png")
+  assert '"generated_images": 1' in run(*args).stdout
+  assert np.array_equal(np.asarray(Image.open(out / "task1.png")), got[1])
+  # a folder by one instruction mirrors its layout; a missing source is one line
+  run("iomm-edit", "--workdir", wd, "--images", str(src), "--instruction", "make the circle red",
+      "--outdir", str(tmp_path / "folder"), "--progress=false")  # fmt: skip
+  assert sorted(os.listdir(tmp_path / "folder")) == ["001.png", "003.png", "sub"]
+  bad = run("iomm-edit", "--workdir", wd, "--image", str(tmp_path / "nope.png"),
+            "--instruction", "make it red", ok=False)  # fmt: skip
+  assert bad.returncode != 0 and "nope.png" in bad.stderr and "Traceback" not in bad.stderr
+  assert proc.returncode == 0

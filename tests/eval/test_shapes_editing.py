@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iomm_jax import edit
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.eval import shapes_editing as E
@@ -61,7 +62,7 @@ def conditioner(tmp_path_factory):
 
 
 def test_edit_condition_layout(conditioner):
-  ids, valid = E.edit_conditions(conditioner, ["make the circle blue"])
+  ids, valid = edit.edit_conditions(conditioner, ["make the circle blue"])
   t = conditioner.tokenizer
   n = len(t.encode("make the circle blue", bos=True))
   row = ids[0][valid[0]].tolist()
@@ -69,4 +70,4 @@ def test_edit_condition_layout(conditioner):
   assert row[n] == t.img_start_id and row[-1] == t.img_end_id
   assert row[n + 1 : -1] == [t.img_context_id] * 16
   with pytest.raises(ValueError, match="is too long"):
-    E.edit_conditions(conditioner, ["make the circle blue " * 20])
+    edit.edit_conditions(conditioner, ["make the circle blue " * 20])
