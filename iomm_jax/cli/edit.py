@@ -27,7 +27,6 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 
 from iomm_jax import edit, inference, runtime, sharding
 from iomm_jax.cli import define_distributed_flags, run, warn_unknown_words
@@ -106,9 +105,7 @@ def _main(argv):
     (img,) = sample_fn(items, benchmark_format.sample_keys(_SEED.value, [(items[0], 0)]))
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      tmp = _OUT.value + ".tmp.png"
-      Image.fromarray(img).save(tmp)
-      os.replace(tmp, _OUT.value)
+      benchmark_format.save_png(_OUT.value, img)
       print(f"wrote {_OUT.value} ({_INSTRUCTION.value!r} on {_IMAGE.value})")
     return
   writer = benchmark_format.Writer(benchmark_format.EDIT_FORMAT, _OUTDIR.value, 1)

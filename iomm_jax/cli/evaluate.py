@@ -34,11 +34,10 @@ import os
 import jax
 from absl import app, flags, logging
 from jax.sharding import Mesh
-from PIL import Image
 
 from iomm_jax import checkpointing, cli, inference, metrics, runtime, sharding
 from iomm_jax.data import pipeline, shapes
-from iomm_jax.eval import heldout, shapes_geneval
+from iomm_jax.eval import benchmark_format, heldout, shapes_geneval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -112,9 +111,7 @@ def _own_data(workdir, config, ctx, params, num, seed, batch, mesh, step, use_em
     grid = metrics.labelled_grid(
       rows, header=["sample", "held-out image"], legend="held-out captions (first 32)"
     )
-    tmp = os.path.join(out, "heldout.tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, os.path.join(out, "heldout.png"))
+    benchmark_format.save_png(os.path.join(out, "heldout.png"), grid)
   runtime.barrier("iomm_jax eval files written")
   return report
 
@@ -127,9 +124,7 @@ def _write(workdir: str, report: dict, ev: shapes_geneval.Evaluation) -> None:
   grid = shapes_geneval.failure_grid(ev)
   png = os.path.join(out, "shapes_geneval_failures.png")
   if grid is not None:
-    tmp = png + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, png)
+    benchmark_format.save_png(png, grid)
   elif os.path.exists(png):  # a stale grid from an earlier, worse checkpoint
     os.remove(png)
 

@@ -167,7 +167,8 @@ def check_count(fmt: str, num_per_prompt: int) -> None:
     )
 
 
-def _save_png(path: str, image: np.ndarray) -> None:
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes ``image`` to ``path`` through a temporary file and a rename (never half-written)."""
   tmp = path + ".tmp.png"
   Image.fromarray(image).save(tmp)
   os.replace(tmp, path)
@@ -219,17 +220,17 @@ class Writer:
       if not os.path.exists(meta):
         _save_text(meta, item.line + "\n")
       for j, img in samples.items():
-        _save_png(self._sample_path(item, j), img)
+        save_png(self._sample_path(item, j), img)
       paths = [self._sample_path(item, j) for j in range(self.n)]
       if all(os.path.exists(p) for p in paths):
         imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-        _save_png(os.path.join(folder, "grid.png"), metrics.image_grid(imgs, rows=1))
+        save_png(os.path.join(folder, "grid.png"), metrics.image_grid(imgs, rows=1))
       return
     imgs = np.stack([samples[j] for j in range(self.n)])
     side = math.isqrt(self.n)
     path = self._image_path(item)
     os.makedirs(os.path.dirname(path), exist_ok=True)  # (iomm-edit: a folder's sub-folders)
-    _save_png(path, metrics.image_grid(imgs, rows=side, pad=0))
+    save_png(path, metrics.image_grid(imgs, rows=side, pad=0))
 
 
 def jobs(

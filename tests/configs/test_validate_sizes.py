@@ -74,12 +74,21 @@ def test_canvas_mismatch_is_refused_naming_both_keys():
 
 
 def test_what_works_is_accepted():
-  loading.validate(_quick(**{"model.image_size": 32, "data.canvas": 32}), num_devices=1)
-  # own data: data.canvas is the shapes world's and plays no part
-  loading.validate(_quick(**{"model.image_size": 32, "data.source": "array_record"}), 1)
-  # stage 0 trains no generator; its images reach only the ViT, which resizes them
+  """Each accepted config beside the one setting that gets the same sizes refused."""
+  assert loading.validate(_quick(**{"model.image_size": 32, "data.canvas": 32}), 1) is None
+  # own data: data.canvas is the shapes world's and plays no part (on the shapes world the same
+  # 32 px against the canvas of 24 is refused)
+  assert (
+    loading.validate(_quick(**{"model.image_size": 32, "data.source": "array_record"}), 1) is None
+  )
+  assert "config.data.canvas=24" in _refused(_quick(**{"model.image_size": 32}))
+  # stage 0 trains no generator; its images reach only the ViT, which resizes them (a generator
+  # stage refuses 30 px)
   mllm = os.path.join(ROOT, "experiments", "shapes", "mllm.py:quick")
-  loading.validate(loading.load_config(mllm, {"model.image_size": 30}), num_devices=1)
+  assert (
+    loading.validate(loading.load_config(mllm, {"model.image_size": 30}), num_devices=1) is None
+  )
+  assert "config.model.image_size=30" in _refused(_quick(**{"model.image_size": 30}))
 
 
 def test_refused_before_the_workdir_is_written(tmp_path):
@@ -93,6 +102,7 @@ def test_refused_before_the_workdir_is_written(tmp_path):
 ARGS = {
   "shapes": lambda stage: ["", "quick"],
   "folder": lambda stage: ["data=/d/prepared", "data=/d/prepared,quick"],  # own data
+  "flux_mixft": lambda stage: [f"{PAPER_PATHS},flux=/ckpt/flux", f"{PAPER_PATHS},flux=/f,lora=0"],
   **{
     name: lambda stage, name=name: [
       f"{PAPER_PATHS},res={res}" + (",init=/runs/pretrain" if stage == "finetune" else "")
