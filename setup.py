@@ -30,6 +30,7 @@ setup(
       "iomm-prepare=iomm_jax.cli.prepare:main",
       "iomm-cache-features=iomm_jax.cli.cache_features:main",
       "iomm-plan=iomm_jax.cli.plan:main",
+      "iomm-chat=iomm_jax.cli.chat:main",
       "iomm-edit=iomm_jax.cli.edit:main",
     ]
   },

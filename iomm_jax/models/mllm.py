@@ -354,6 +354,35 @@ def merge_image_tokens(
   return jnp.where(take[:, None], gathered, embeds.reshape(-1, d)).reshape(b, length, d)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """One decoder layer's key/value cache: k, v [B, S, K, H] (RoPE already applied to k).
+
+  A pytree, so it passes through ``jit`` / ``lax.while_loop``; ``write`` is pure (a new cache).
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+  def write(self, k: jax.Array, v: jax.Array, index: jax.Array | int) -> KVCache:
+    """The cache with [B, L, K, H] ``k`` / ``v`` written at slots ``[index, index + L)``."""
+    at = (0, index, 0, 0)
+    return KVCache(
+      jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+      jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+    )
+
+
+def init_cache(config: TextConfig, batch: int, size: int, dtype: Dtype) -> tuple[KVCache, ...]:
+  """Empty (zero) caches of ``size`` slots for each of the ``config.num_layers`` decoder layers,
+  in the model's compute ``dtype`` (that of its keys and values)."""
+  shape = (batch, size, config.num_kv_heads, config.head_dim)
+  return tuple(
+    KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
+  )
+
+
 def causal_mask(valid: jax.Array) -> jax.Array:
   """[B, L] bool key validity -> [B, 1, L, L] bool mask, True where query i may attend key j<=i."""
   length = valid.shape[-1]
@@ -560,14 +589,27 @@ class MultiModalProjector(nn.Module):
 
 
 class TextAttention(nn.Module):
-  """Causal grouped-query self-attention with rotate-half RoPE, [B, L, D] -> [B, L, D]."""
+  """Causal grouped-query self-attention with rotate-half RoPE, [B, L, D] -> [B, L, D].
+
+  With ``cache`` (this layer's ``KVCache``), the L new keys / values (RoPE applied) are written
+  into its slots ``[cache_index, cache_index + L)`` (one slot index for every row), the queries
+  attend over all S slots under ``mask`` [B, 1, L, S], and ``(out, updated cache)`` is returned;
+  without it the computation is the plain causal one over the L tokens.
+  """
 
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, length, _ = x.shape
@@ -577,10 +619,15 @@ class TextAttention(nn.Module):
     v = Dense(c.num_kv_heads * h, ("embed", "kv_heads"), name="v_proj", **kw)(x)
     q = layers.rope_half(q.reshape(b, length, c.num_heads, h), positions, c.rope_theta)
     k = layers.rope_half(k.reshape(b, length, c.num_kv_heads, h), positions, c.rope_theta)
-    out = layers.dot_product_attention(q, k, v.reshape(b, length, c.num_kv_heads, h), mask)
-    return Dense(c.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(
+    v = v.reshape(b, length, c.num_kv_heads, h)
+    if cache is not None:
+      cache = cache.write(k, v, cache_index)
+      k, v = cache.k, cache.v
+    out = layers.dot_product_attention(q, k, v, mask)
+    out = Dense(c.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(
       out.reshape(b, length, c.num_heads * h)
     )
+    return out if cache is None else (out, cache)
 
 
 class TextMLP(nn.Module):
@@ -607,13 +654,26 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(eps=c.norm_eps, name="input_layernorm", **kw)(x)
-    x = x + TextAttention(c, name="self_attn", **kw)(h, positions, mask)
+    attn = TextAttention(c, name="self_attn", **kw)
+    if cache is None:
+      x = x + attn(h, positions, mask)
+    else:
+      a, cache = attn(h, positions, mask, cache, cache_index)
+      x = x + a
     h = layers.RMSNorm(eps=c.norm_eps, name="post_attention_layernorm", **kw)(x)
-    return x + TextMLP(c, name="mlp", **kw)(h)
+    x = x + TextMLP(c, name="mlp", **kw)(h)
+    return x if cache is None else (x, cache)
 
 
 class TextModel(nn.Module):
@@ -639,11 +699,36 @@ class TextModel(nn.Module):
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, L, D] embeddings, [B, L] positions, [B, 1, L, L] mask -> [B, L, D]."""
+    return self._run(embeds, positions, mask)[0]
+
+  def cached(
+    self,
+    embeds: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: tuple[KVCache, ...],
+    cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """``__call__`` for L new tokens written at cache slots ``[cache_index, cache_index + L)``:
+    [B, L, D] embeddings, [B, L] positions, [B, 1, L, S] mask over the S slots, one ``KVCache``
+    per layer -> ([B, L, D] final-norm states, the updated caches)."""
+    if len(cache) != len(self.layers):
+      raise ValueError(f"{len(cache)} layer caches for {len(self.layers)} decoder layers")
+    return self._run(embeds, positions, mask, cache, cache_index)
+
+  def _run(self, embeds, positions, mask, cache=None, cache_index=0):
+    """The decoder stack, with (``cached``) or without (``__call__``) per-layer caches."""
     act = lambda a: layers.with_logical_constraint(a, layers.ACTIVATION)
     x = act(embeds.astype(self.dtype))
-    for layer in self.layers:
-      x = act(layer(x, positions, mask))
-    return self.norm(x)
+    new = []
+    for i, layer in enumerate(self.layers):
+      if cache is None:
+        x = layer(x, positions, mask)
+      else:
+        x, layer_cache = layer(x, positions, mask, cache[i], cache_index)
+        new.append(layer_cache)
+      x = act(x)
+    return self.norm(x), (tuple(new) if cache is not None else None)
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -653,7 +738,8 @@ class InternVLModel(nn.Module):
   """InternVL3 (vision tower + projector + Qwen2 + lm_head); see the module docstring.
 
   Methods (use ``model.apply(params, ..., method=...)``): ``encode_images``, ``embed``,
-  ``decode``, ``logits`` and ``__call__`` (the full forward). Initialise through ``__call__``
+  ``decode``, ``decode_cached`` (with a ``KVCache`` per layer: incremental decoding), ``logits``
+  and ``__call__`` (the full forward). Initialise through ``__call__``
   with ``pixel_values`` given so that every parameter is created.
   """
 
@@ -690,6 +776,24 @@ class InternVLModel(nn.Module):
     """[B, L, D] embeddings, [B, L] int positions, [B, 1, L, L] bool mask (True = attend) ->
     [B, L, D] final-norm hidden states."""
     return self.language_model(embeds, positions, mask)
+
+  def decode_cached(
+    self,
+    embeds: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: tuple[KVCache, ...],
+    cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """``decode`` with a key/value cache (incremental decoding, ``iomm_jax.chat``).
+
+    The L new tokens' keys and values go into slots ``[cache_index, cache_index + L)`` of the
+    per-layer caches (``init_cache``: S slots); queries attend over all S slots under ``mask``
+    [B, 1, L, S] (True = attend; the caller marks which slots are filled and causal). Prefill is
+    a call with the whole prompt at index 0, then one call per generated token. Returns ([B, L, D]
+    final-norm hidden states, the updated caches). ``decode`` is untouched by this path.
+    """
+    return self.language_model.cached(embeds, positions, mask, cache, cache_index)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, L, D] hidden states -> [B, L, V] float32 logits."""
