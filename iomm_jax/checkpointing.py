@@ -64,26 +64,49 @@ MODEL_KEYS = (
   "vae",
   "image_size",
   "prediction",
+  "lora",
 )
-MODEL_KEY_DEFAULTS = {"prediction": "velocity", "generator_overrides": "", "pooled": "mean"}
+MODEL_KEY_DEFAULTS = {
+  "prediction": "velocity",
+  "generator_overrides": "",
+  "pooled": "mean",
+  "lora": None,
+}
 """Values of model keys added after checkpoints were made (what those checkpoints were)."""
+
+
+def _lora_signature(lora: Any) -> dict[str, Any] | None:
+  """``config.model.lora`` as JSON-comparable data; None when off (rank 0 or absent)."""
+  if lora is None:
+    return None
+  lora = dict(lora)
+  if not lora.get("rank"):
+    return None
+  return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sorted(lora.items())}
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The parts of ``config.model`` a checkpoint must match."""
-  return {k: config.model.get(k, MODEL_KEY_DEFAULTS.get(k)) for k in MODEL_KEYS}
+  out = {k: config.model.get(k, MODEL_KEY_DEFAULTS.get(k)) for k in MODEL_KEYS}
+  out["lora"] = _lora_signature(out["lora"])
+  return out
 
 
 def check_model_signature(
-  saved: dict[str, Any], config: ml_collections.ConfigDict, where: str
+  saved: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  where: str,
+  ignore: tuple[str, ...] = (),
 ) -> None:
-  """Raises a ValueError naming every model key on which ``saved`` and ``config`` differ."""
+  """Raises a ValueError naming every model key on which ``saved`` and ``config`` differ
+  (``ignore``: keys not compared, e.g. "lora" when a LoRA fine-tune starts from a plain run)."""
   want = model_signature(config)
+  saved = {**saved, "lora": _lora_signature(saved.get("lora"))}
   diff = [
     f"config.model.{k}: checkpoint has {saved.get(k, MODEL_KEY_DEFAULTS.get(k))!r}, "
     f"config has {want[k]!r}"
     for k in MODEL_KEYS
-    if saved.get(k, MODEL_KEY_DEFAULTS.get(k)) != want[k]
+    if k not in ignore and saved.get(k, MODEL_KEY_DEFAULTS.get(k)) != want[k]
   ]
   if diff:
     raise ValueError(

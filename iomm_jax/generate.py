@@ -59,7 +59,7 @@ def _generate_rows(
     reps = ctx.shape[0] // b
     v = iomm.velocity(
       model,
-      trainable["generator"],
+      iomm.generator_params(trainable, frozen),
       jnp.concatenate([x] * reps),
       jnp.concatenate([t] * reps),
       ctx,

@@ -27,10 +27,11 @@ def load_generator(
   mesh: Mesh | None = None,
 ):
   """(config, GenerationContext, trainable params) of a trained generator workdir, at its
-  checkpoint ``step`` (default: the latest). ``max_text_len`` raises the prompt token limit the
-  run was trained with (long benchmark prompts; no parameter depends on it). With ``mesh``,
-  every parameter (trainable and frozen) is replicated on all of its devices (checkpoints are
-  restored straight into place); else it is on this process's first device."""
+  checkpoint ``step`` (default: the latest); a LoRA run's frozen base generator weights (from
+  its ``config.train.init_from``) are ``ctx.frozen["generator"]``. ``max_text_len`` raises the
+  prompt token limit the run was trained with (long benchmark prompts; no parameter depends on
+  it). With ``mesh``, every parameter (trainable and frozen) is replicated on all of its devices
+  (checkpoints are restored straight into place); else it is on this process's first device."""
   config = loop.load_workdir_config(workdir)
   if max_text_len is not None:
     if max_text_len < 1:
@@ -43,9 +44,14 @@ def load_generator(
   # no rules: every logical axis maps to no mesh axis, i.e. each array is replicated
   with sharding.placing_on(mesh, ()) if mesh is not None else contextlib.nullcontext():
     ctx = context.build(config)
-    boxed = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
+    cond_len = ctx.conditioner.cond_len
+    full = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, cond_len))
+    boxed = iomm.split_generator(ctx.model, full)[0]  # with LoRA: the adapters' part only
     which = "ema" if use_ema else "params"
     params = context.restore_params(workdir, boxed, which=which, step=step)
+    if ctx.model.generator.lora is not None:  # its frozen base: from config.train.init_from
+      full = context.initial_trainable(config, ctx.model, cond_len)[0]
+      ctx.frozen = {**ctx.frozen, "generator": iomm.split_generator(ctx.model, full)[1]}
   if mesh is not None:  # seeded inits and imported weights were made on one device
     rep = sharding.replicated(mesh)
     ctx.frozen = sharding.place(ctx.frozen, jax.tree.map(lambda _: rep, ctx.frozen))

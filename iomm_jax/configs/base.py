@@ -53,6 +53,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   # one on the data's captions (the shapes grammar, or own records) with this soft vocabulary
   m.tokenizer_from = ""
   m.tokenizer_vocab = 256
+  # LoRA on the generator's block projections (stage 2; mmdit.LoRAConfig): with rank > 0 the base
+  # generator weights are frozen (passed beside the MLLM, no gradient, no optimiser state, no
+  # EMA) and reloaded from train.init_from at every start; the adapters, the RQA and the
+  # connector train. export-torch folds the adapters into the kernels.
+  m.lora = ml_collections.ConfigDict()
+  m.lora.rank = 0  # adapter rank r (0 = off: full fine-tuning)
+  m.lora.alpha = 0.0  # the update is scaled by alpha / r (0: alpha = r, scale 1)
+  # wrapped layers: groups "attn" (q/k/v/out projections of both streams and the single blocks'
+  # proj_out) and "mlp" (MLP in/out), or fnmatch patterns over mmdit.LORA_LAYERS' block paths
+  m.lora.targets = ("attn", "mlp")
+  # generator parameter path prefixes trained in full beside the adapters, e.g.
+  # ("context_embedder", "time_text_embed/text_embedder"); must cover what init_from
+  # re-initialises (a FLUX checkpoint's condition embedders of another width)
+  m.lora.trainable = ()
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "shapes"  # "shapes" (embedded procedural world), "array_record" or "tfds"
@@ -116,7 +130,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.ema_warmup = True  # use min(decay, (1 + step) / (10 + step)) so short runs track
   t.grad_accum = 1  # micro-batches per update (batch_size / grad_accum rows each, one update)
   t.peak_tflops = 0.0  # per-device bf16 peak for the logged MFU (0: by device kind, perf.py)
-  t.init_from = ""  # stage 2: workdir of the stage-1 run to start from ("scratch": random init)
+  # stage 2: a stage-1 workdir, a diffusers FluxTransformer2DModel (or FLUX pipeline) folder, or
+  # "scratch" (random init)
+  t.init_from = ""
   t.log_every = 50  # steps between metric writes
   t.ckpt_every = 500  # steps between checkpoints (and one at the end)
   t.keep_checkpoints = 2  # checkpoints kept in the workdir

@@ -309,6 +309,31 @@ def _validate(
       f"config.model.mllm_init={config.model.mllm_init!r} must be 'checkpoint' or 'random'"
     )
   check_features(config)
+  check_lora(config)
+
+
+def check_lora(config: ml_collections.ConfigDict) -> None:
+  """``model.lora``: rank 0 (off) or a valid ``mmdit.LoRAConfig`` (rank, alpha, targets), and
+  then only for a stage-2 run that starts from an existing generator (``train.init_from`` a
+  stage-1 workdir or a FLUX-format directory): adapters on a random base would learn nothing
+  the full model could not, and the base weights are reloaded from there at every start."""
+  from iomm_jax.models import mmdit as mmdit_lib  # dataclass fields only: no JAX work
+
+  lo = config.model.lora
+  if not isinstance(lo.rank, int) or isinstance(lo.rank, bool) or lo.rank < 0:
+    raise ValueError(f"config.model.lora.rank={lo.rank!r} must be an integer >= 0 (0 = off)")
+  if lo.rank == 0:
+    return
+  mmdit_lib.LoRAConfig(
+    rank=lo.rank, alpha=float(lo.alpha), targets=tuple(lo.targets), trainable=tuple(lo.trainable)
+  )
+  if config.stage != "finetune" or config.train.init_from == "scratch":
+    raise ValueError(
+      f"config.model.lora.rank={lo.rank} needs config.stage='finetune' with "
+      f"config.train.init_from a stage-1 workdir or a FLUX-format directory (got stage "
+      f"{config.stage!r}, init_from {config.train.init_from!r}): LoRA adapts an existing "
+      "generator"
+    )
 
 
 def check_features(config: ml_collections.ConfigDict) -> None:

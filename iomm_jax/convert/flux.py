@@ -34,6 +34,16 @@ A trained workdir (stage 1 or 2) exports with::
 Imports read safetensors only and check every tensor with ``tensors.match`` in the torch key
 space, so a missing, unexpected or mis-shaped tensor is named as it appears in the file, with both
 shapes (torch orientation).
+
+Initialisation from an existing generator (``config.train.init_from`` = a diffusers
+``FluxTransformer2DModel`` directory, or a pipeline directory holding one under ``transformer/``):
+``read_transformer_init`` is the inverse of ``export_transformer`` over the same name table
+(``mmdit.to_diffusers_key``, kernels transposed) into *our* generator config, strict: every key of
+the file is used and every parameter of ours is filled, except the condition-input kernels of
+``REINITIALISABLE`` when only their input width differs (ours reads the connector's output, the
+checkpoint a text encoder's); those keep our init and are listed (``TransformerInit.
+reinitialised``). Tensors are read one at a time (``TransformerInit.array``), so a 12 B
+checkpoint never sits in host memory whole.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
@@ -276,6 +287,172 @@ def import_transformer(path: str) -> tuple[mmdit_lib.MMDiTConfig, dict[str, Any]
   return cfg, params
 
 
+# ----------------------------------------------------------------------------- initialisation
+
+# diffusers keys whose *input* width is set by our condition, not by the checkpoint's text
+# encoders: when only that width differs, ``read_transformer_init`` keeps our init for them.
+REINITIALISABLE = {
+  "context_embedder.weight": "joint_attention_dim, the connector's output width",
+  "time_text_embed.text_embedder.linear_1.weight": "pooled_projection_dim, the pooled condition",
+}
+# MMDiTConfig fields that change the computation but no parameter shape: must agree.
+_UNSHAPED_FIELDS = ("axes_dims_rope", "latent_patch")
+
+
+def transformer_dir(path: str) -> str | None:
+  """The ``FluxTransformer2DModel`` directory at ``path`` (its ``config.json`` names the class),
+  or at ``path/transformer`` (a pipeline or ``export_generator`` directory); None otherwise."""
+  for d in (path, os.path.join(path, TRANSFORMER_DIR)):
+    file = os.path.join(d, CONFIG_NAME)
+    if not os.path.isfile(file):
+      continue
+    try:
+      with open(file) as f:
+        name = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if name == CLASS_NAME:
+      return d
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reinitialised:
+  """A checkpoint tensor left unused: our parameter ``path`` keeps its init (shapes in torch
+  orientation, (out, in))."""
+
+  key: str
+  path: str
+  file_shape: tuple[int, ...]
+  shape: tuple[int, ...]
+
+  def describe(self) -> str:
+    """``key (file (out, in_file), ours (out, in))``."""
+    return f"{self.key} (file {self.file_shape}, ours {self.shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerInit:
+  """A checked FLUX-format checkpoint as the initialisation of our generator (headers only).
+
+  ``keys``: our parameter path ('/'-joined) -> the file's key, for every parameter the file
+  fills; ``files``: file key -> safetensors file; ``reinitialised``: what keeps our init;
+  ``handles``: the open (lazy, memory-mapped) safetensors files, by file name.
+  """
+
+  path: str
+  config: dict[str, Any]
+  keys: dict[str, str]
+  files: dict[str, str]
+  reinitialised: tuple[Reinitialised, ...]
+  handles: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+  def array(self, path: str, dtype: Any = np.float32) -> np.ndarray:
+    """Our parameter ``path`` from the file, in our layout (kernels transposed), as ``dtype``."""
+    key = self.keys[path]
+    x = self.handles[self.files[key]].get_tensor(key)
+    return np.ascontiguousarray((x.T if _is_kernel(path) else x).astype(dtype))
+
+  def meta(self) -> dict[str, Any]:
+    """JSON record of the import (for the checkpoint's metadata)."""
+    return {
+      "format": CLASS_NAME,
+      "path": os.path.abspath(self.path),
+      "loaded": len(self.keys),
+      "reinitialised": [dataclasses.asdict(r) for r in self.reinitialised],
+    }
+
+  def summary(self) -> str:
+    """One log line: what was loaded and each re-initialised parameter."""
+    re_ = "; ".join(r.describe() for r in self.reinitialised) or "none"
+    return (
+      f"init_from {self.path} ({CLASS_NAME}): {len(self.keys)} tensors loaded; "
+      f"re-initialised: {re_}"
+    )
+
+
+def read_transformer_init(
+  path: str, cfg: mmdit_lib.MMDiTConfig, what: str = "config.train.init_from"
+) -> TransformerInit:
+  """Checks the ``FluxTransformer2DModel`` at ``path`` against our generator ``cfg`` (headers
+  and ``config.json`` only) and returns what fills it. Raises one-line ``ConversionError`` s
+  naming the file's key, its shape and ours (torch orientation) for a missing key, an unused
+  key or a shape that cannot carry over, and the field for a RoPE / packing mismatch."""
+  where = transformer_dir(path)
+  if where is None:
+    raise ConversionError(
+      f"{what}={path!r} is not a {CLASS_NAME} directory (no {CONFIG_NAME} naming it, there or "
+      f"in {TRANSFORMER_DIR}/)"
+    )
+  label = f"{what} {CLASS_NAME} {where!r}"
+  config = tensors.read_json(os.path.join(where, CONFIG_NAME), label)
+  theirs = mmdit_config_from_diffusers(config)
+  for name in _UNSHAPED_FIELDS:
+    if getattr(theirs, name) != getattr(cfg, name):
+      raise ConversionError(
+        f"{label}: {name} is {getattr(theirs, name)!r} there, {getattr(cfg, name)!r} in our "
+        f"generator config"
+      )
+  shapes, files, handles = {}, {}, {}
+  for file in tensors.safetensors_files(where, label):
+    handle = handles[file] = safe_open(file, framework="numpy")
+    for key in handle.keys():
+      if key in shapes:
+        raise ConversionError(f"{label}: key {key!r} appears in more than one shard")
+      shapes[key], files[key] = tuple(handle.get_slice(key).get_shape()), file
+  want = _abstract(transformer_template(cfg))
+  keys = {p: mmdit_lib.to_diffusers_key(tuple(p.split("/"))) for p in want}
+  ours = {keys[p]: tuple(s.shape[::-1] if _is_kernel(p) else s.shape) for p, s in want.items()}
+  missing = sorted(set(ours) - set(shapes))
+  unexpected = sorted(set(shapes) - set(ours))
+  reinit, bad = [], []
+  for p, key in sorted(keys.items()):
+    got, exp = shapes.get(key), ours[key]
+    if got is None or got == exp:
+      continue
+    if key in REINITIALISABLE and len(got) == 2 and got[0] == exp[0]:
+      reinit.append(Reinitialised(key, p, got, exp))
+      continue
+    bad.append(
+      f"{key!r} in {os.path.basename(files[key])} has shape {got}, ours is {exp} ({p}: "
+      f"{want[p].shape} in our layout)"
+    )
+  tensors.raise_problems(
+    label,
+    tensors.listed(
+      "missing key(s), ours with no tensor there", [f"{k!r} {ours[k]}" for k in missing]
+    ),
+    tensors.listed(
+      "unexpected key(s), not in our generator", [f"{k!r} {shapes[k]}" for k in unexpected]
+    ),
+    tensors.listed("shape mismatch(es)", bad, sep="; "),
+  )
+  skipped = {r.path for r in reinit}
+  return TransformerInit(
+    where,
+    config,
+    {p: k for p, k in keys.items() if p not in skipped},
+    files,
+    tuple(reinit),
+    handles,
+  )
+
+
+def lora_merged(model: Any, trainable: Params, frozen: Params | None) -> Params:
+  """The plain generator tree of ``model`` (an ``iomm.IOMM``): its trainable part joined with the
+  frozen base weights (LoRA runs keep them in ``frozen["generator"]``) and every LoRA update
+  folded into its kernel (``mmdit.merge_lora``). The tree of a run without LoRA as it is."""
+  from iomm_jax.models import iomm  # deferred: iomm imports the whole model zoo
+
+  lora = model.generator.lora
+  if lora is not None and (frozen is None or "generator" not in frozen):
+    raise ConversionError(
+      "a LoRA generator exports with its frozen base weights: pass frozen (with 'generator')"
+    )
+  params = iomm.generator_params(trainable, frozen)
+  return params if lora is None else mmdit_lib.merge_lora(params, lora)
+
+
 # ----------------------------------------------------------------------------- adapter, connector
 
 
@@ -430,14 +607,17 @@ def export_generator(
   dtype: str | None = None,
 ) -> dict[str, Any]:
   """Writes the whole trained generator: ``export_trainable`` + ``export_transformer`` into
-  ``out_dir/transformer``; with ``frozen`` (``{"mllm", "codec"}`` as in training) also the MLLM
+  ``out_dir/transformer`` (a LoRA generator with its adapters folded into the kernels, its base
+  weights taken from ``frozen["generator"]``: ``lora_merged``); with ``frozen`` (``{"mllm",
+  "codec"}`` as in training, + "generator" with LoRA) also the MLLM
   (``convert.internvl.export_internvl`` into ``out_dir/mllm``) and, for the "vae" codec, the VAE
   (``convert.vae.export_vae`` into ``out_dir/vae``): what ``torch_port.IOMMPipeline`` loads.
   Returns the meta dict."""
   if "generator" not in trainable:
     raise ConversionError("trainable parameters have no 'generator' tree")
+  generator = lora_merged(model, trainable, frozen)  # a plain transformer, adapters folded in
   export_transformer(
-    trainable["generator"], model.generator.config, os.path.join(out_dir, TRANSFORMER_DIR), dtype
+    generator, model.generator.config, os.path.join(out_dir, TRANSFORMER_DIR), dtype
   )
   if frozen is not None:
     from iomm_jax.convert import internvl, vae  # deferred: optional parts

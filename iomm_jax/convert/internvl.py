@@ -422,19 +422,11 @@ def _match_named(
   want = tensors.flatten(template)
   unexpected = sorted(set(loaded) - set(want))
   missing = sorted(set(want) - set(loaded))
-  problems = []
-  if unexpected:
-    problems.append(
-      f"{len(unexpected)} unexpected key(s): "
-      + ", ".join(f"{names[k]!r} (-> {k})" for k in unexpected[:10])
-    )
-  if missing:
-    problems.append(
-      f"{len(missing)} missing key(s): "
-      + ", ".join(f"{hf_key(k)!r} (-> {k})" for k in missing[:10])
-    )
-  if problems:
-    raise ConversionError(f"{what}: " + " | ".join(problems))
+  tensors.raise_problems(
+    what,
+    tensors.listed("unexpected key(s)", [f"{names[k]!r} (-> {k})" for k in unexpected]),
+    tensors.listed("missing key(s)", [f"{hf_key(k)!r} (-> {k})" for k in missing]),
+  )
   return tensors.match(template, loaded, what, dtype=dtype, describe=describe)
 
 

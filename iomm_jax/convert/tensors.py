@@ -18,7 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,20 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
   return out
 
 
+def listed(label: str, items: Sequence[str], sep: str = ", ", limit: int = 10) -> str | None:
+  """``"N label: a, b, ..."`` of the first ``limit`` ``items``, for ``raise_problems`` (None when
+  there are none)."""
+  return f"{len(items)} {label}: " + sep.join(items[:limit]) if items else None
+
+
+def raise_problems(what: str, *problems: str | None) -> None:
+  """Raises ``ConversionError("what: p1 | p2 ...")`` of the ``problems`` that are not None;
+  returns when all are None."""
+  found = [p for p in problems if p]
+  if found:
+    raise ConversionError(f"{what}: " + " | ".join(found))
+
+
 Describe = Callable[[str, tuple[int, ...], tuple[int, ...]], str]
 
 
@@ -177,13 +191,10 @@ def match(
     for k in sorted(set(want) & set(loaded))
     if tuple(want[k].shape) != tuple(np.shape(loaded[k]))
   ]
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing parameter(s): {missing[:10]}")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected parameter(s): {unexpected[:10]}")
-  if bad:
-    problems.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:10]))
-  if problems:
-    raise ConversionError(f"{what}: " + " | ".join(problems))
+  raise_problems(
+    what,
+    listed("missing parameter(s)", missing),
+    listed("unexpected parameter(s)", unexpected),
+    listed("shape mismatch(es)", bad, sep="; "),
+  )
   return unflatten({k: np.asarray(loaded[k], dtype=dtype or want[k].dtype) for k in want})

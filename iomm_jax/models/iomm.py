@@ -12,6 +12,10 @@ Data flow of one conditioned velocity prediction (paper Fig. 2a):
 
 Parameters live in two trees: ``trainable = {"adapter", "connector", "generator"}`` (differentiated
 and optimised) and ``frozen = {"mllm", "codec"}`` (never differentiated, no optimizer state).
+With LoRA (``config.model.lora.rank`` > 0) the generator is split between them:
+``trainable["generator"]`` holds the adapters' ``lora_a`` / ``lora_b`` (and the base parameters
+``LoRAConfig.trainable`` names), ``frozen["generator"]`` every other base weight
+(``split_generator``); ``generator_params`` joins the two for the forward pass.
 
 Alphabet: B batch, L condition tokens, Q queries, P image tokens, D MLLM width, C context width.
 """
@@ -174,13 +178,24 @@ def build(
     mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt, remat=remat),
     adapter=adapter,
     connector=adapter_lib.Connector(ccfg, **kw),
-    generator=mmdit_lib.MMDiT(gcfg, **kw),
+    generator=mmdit_lib.MMDiT(gcfg, lora=lora_config(config), **kw),
     codec=codec,
     image_size=m.image_size,
     num_queries=m.num_queries,
     prediction=prediction,
     x_pred_t_min=float(m.get("x_pred_t_min", 0.05)),
     pooled=pooled,
+  )
+
+
+def lora_config(config: ml_collections.ConfigDict) -> mmdit_lib.LoRAConfig | None:
+  """The generator's ``LoRAConfig`` of ``config.model.lora`` (None with rank 0, and for
+  workdir configs written before the key)."""
+  lo = config.model.get("lora")
+  if lo is None or lo.rank == 0:
+    return None
+  return mmdit_lib.LoRAConfig(
+    rank=lo.rank, alpha=float(lo.alpha), targets=tuple(lo.targets), trainable=tuple(lo.trainable)
   )
 
 
@@ -217,6 +232,69 @@ def init_trainable(model: IOMM, seed: int, cond_len: int) -> dict[str, Any]:
       jnp.zeros((1,)),
     )["params"],
   }
+
+
+def _trains(path: tuple[str, ...], lora: mmdit_lib.LoRAConfig) -> bool:
+  """Whether the generator parameter at ``path`` trains under ``lora``."""
+  joined = "/".join(path)
+  return path[-1] in mmdit_lib.LORA_LEAVES or any(
+    joined == p or joined.startswith(p.rstrip("/") + "/") for p in lora.trainable
+  )
+
+
+def split_generator(model: IOMM, trainable: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+  """(trainable tree, frozen generator tree) of a full trainable tree (``init_trainable``'s, or
+  loaded), boxed or not: with LoRA, ``trainable["generator"]`` keeps the LoRA leaves and the
+  base parameters ``LoRAConfig.trainable`` names, and the other base weights move to the
+  second tree (for ``frozen["generator"]``); without LoRA the tree is returned whole with None.
+
+  A ``trainable`` prefix that names no generator parameter is a ValueError naming it.
+  """
+  lora = model.generator.lora
+  if lora is None:
+    return trainable, None
+  paths: list[tuple[str, ...]] = []
+
+  def split(node: Any, path: tuple[str, ...]) -> tuple[Any, Any]:
+    """(trained part, frozen part) of the subtree ``node`` at ``path``."""
+    if not isinstance(node, dict):
+      paths.append(path)
+      return (node, None) if _trains(path, lora) else (None, node)
+    parts = {k: split(v, (*path, k)) for k, v in node.items()}
+    empty = lambda x: x is None or (isinstance(x, dict) and not x)
+    keep = {k: a for k, (a, _) in parts.items() if not empty(a)}
+    rest = {k: b for k, (_, b) in parts.items() if not empty(b)}
+    return keep, rest
+
+  train_gen, frozen_gen = split(trainable["generator"], ())
+  joined = ["/".join(p) for p in paths]
+  for prefix in lora.trainable:
+    p = prefix.rstrip("/")
+    if not any(j == p or j.startswith(p + "/") for j in joined):
+      raise ValueError(
+        f"config.model.lora.trainable: {prefix!r} names no generator parameter (paths are "
+        f"'/'-joined, e.g. 'context_embedder' or 'time_text_embed/text_embedder')"
+      )
+  return {**trainable, "generator": train_gen}, frozen_gen
+
+
+def _merge(a: Any, b: Any) -> Any:
+  """Nested dicts ``a`` and ``b`` joined (disjoint leaves)."""
+  if not isinstance(a, dict) or not isinstance(b, dict):
+    raise ValueError("generator parameters are both trainable and frozen")
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(a[k], v) if k in a else v
+  return out
+
+
+def generator_params(trainable: dict[str, Any], frozen: dict[str, Any] | None) -> Any:
+  """The generator's whole parameter tree: ``trainable["generator"]``, joined with the frozen
+  base weights ``frozen["generator"]`` when LoRA put them there (``split_generator``)."""
+  base = None if frozen is None else frozen.get("generator")
+  if base is None:
+    return trainable["generator"]
+  return _merge(trainable["generator"], base)
 
 
 def init_mllm(model: IOMM, seed: int) -> Any:

@@ -8,7 +8,8 @@ Logical axis names (one vocabulary for the whole project, see ``LOGICAL_AXES``):
   joined), kv_heads (key/value heads x head dim, joined), kv (one head's dim), vocab, norm (a norm
   scale or bias), queries (learned query tokens), modulation (adaLN outputs), conv_h, conv_w,
   conv_in, conv_out (convolution kernels), patch (patchified pixels/latents), pos (position tables),
-  cond (an input-condition width such as pooled or timestep features).
+  cond (an input-condition width such as pooled or timestep features), lora (the rank of a
+  low-rank adapter: ``Dense`` with ``lora_rank``).
 
 Einsum alphabet: B batch, L/S tokens (query/key side), N query heads, K kv heads, H head dim,
 D width, F MLP width.
@@ -50,6 +51,7 @@ LOGICAL_AXES = (
   "patch",
   "pos",
   "cond",
+  "lora",
 )
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -108,11 +110,20 @@ def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
 
 
 class Dense(nn.Module):
-  """A linear layer ``y = x @ kernel + bias`` whose kernel (in, out) has logical axis names.
+  """A linear layer ``y = x @ kernel + bias`` whose kernel (in, out) has logical axis names,
+  optionally with a trainable low-rank update (LoRA, Hu et al. 2021) when ``lora_rank`` > 0:
+  ``y = x @ kernel + bias + (lora_alpha / lora_rank) * (x @ lora_a) @ lora_b``.
+
+  A LoRA layer keeps the plain layer's ``kernel`` / ``bias`` under the same names (a checkpoint
+  of the plain layer fills them); ``lora_a`` [in, rank] starts uniform in +-1/sqrt(in) (PEFT's
+  kaiming-uniform with a = sqrt(5)) and ``lora_b`` [rank, out] at zero, so a fresh LoRA layer
+  computes exactly its base layer. Logical axes: ``(axes[0], "lora")`` and ``("lora", axes[1])``.
 
   Attributes:
     features: output width.
     axes: logical names of the kernel's (in, out) axes; the bias takes ``axes[1]``.
+    lora_rank: LoRA rank r (0: a plain layer).
+    lora_alpha: the update's scale is ``lora_alpha / lora_rank``.
   """
 
   features: int
@@ -122,21 +133,41 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
+  lora_rank: int = 0
+  lora_alpha: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    d_in = x.shape[-1]
     kernel = self.param(
-      "kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
+      "kernel", logical(self.kernel_init, self.axes), (d_in, self.features), self.param_dtype
     )
     # A 2-D matmul: XLA's CPU backend runs the weight gradient of a 3-D einsum ~2x slower.
-    x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    y = (x2 @ kernel.astype(self.dtype)).reshape(*x.shape[:-1], self.features)
+    x2 = x.reshape(-1, d_in).astype(self.dtype)
+    y = x2 @ kernel.astype(self.dtype)
+    if self.lora_rank > 0:
+      y = y + self._low_rank(x2)
+    y = y.reshape(*x.shape[:-1], self.features)
     if self.use_bias:
       bias = self.param(
         "bias", logical(self.bias_init, self.axes[1:]), (self.features,), self.param_dtype
       )
       y = y + bias.astype(self.dtype)
     return y
+
+  def _low_rank(self, x2: jax.Array) -> jax.Array:
+    """The LoRA update of [N, in] ``x2``: [N, out] (exact zeros while ``lora_b`` = 0)."""
+    d_in, r = x2.shape[-1], self.lora_rank
+    a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    a = self.param("lora_a", logical(a_init, (self.axes[0], "lora")), (d_in, r), self.param_dtype)
+    b = self.param(
+      "lora_b",
+      logical(nn.initializers.zeros_init(), ("lora", self.axes[1])),
+      (r, self.features),
+      self.param_dtype,
+    )
+    low = (x2 @ a.astype(self.dtype)) * jnp.asarray(self.lora_alpha / r, self.dtype)
+    return low @ b.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):

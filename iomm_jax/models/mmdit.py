@@ -30,6 +30,11 @@ Name map to diffusers state-dict keys (deterministic, see ``to_diffusers_key``):
       -> ``single_transformer_blocks.7.attn.norm_q.weight``
   Parameter-free norms (``norm2``, ``norm2_context``, the LayerNorms inside adaLN) have no keys.
 
+LoRA (``MMDiT.lora``, a ``LoRAConfig``; ``config.model.lora``): the block projections named by
+``LoRAConfig.targets`` get ``layers.Dense``'s ``lora_rank`` (same ``kernel`` / ``bias`` plus
+``lora_a`` / ``lora_b``); see ``LORA_LAYERS`` and ``LORA_GROUPS`` for the names. ``merge_lora``
+folds the update into the kernels (the export writes a plain diffusers transformer).
+
 Precision: matmuls in ``dtype``; norms, softmax, RoPE, timestep features, modulation and the
 residual streams in float32; the output is float32.
 
@@ -40,6 +45,7 @@ C latent channels, P packed patch features (C * p * p).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -215,6 +221,24 @@ MMDIT_VARIANTS: dict[str, MMDiTConfig] = {
     pooled_projection_dim=1536,
     axes_dims_rope=(16, 56, 56),
   ),
+  # FLUX.1-schnell's transformer (black-forest-labs/FLUX.1-schnell transformer/config.json, also
+  # diffusers' FluxTransformer2DModel defaults): 19 double + 38 single blocks, width 3072 =
+  # 24x128, T5 width 4096, 16-channel latents packed 2x2 -> 64, no guidance embedding. One
+  # change: pooled_projection_dim 4096, not CLIP-L's 768, since our pooled vector is the mean of
+  # the 4096-wide context (iomm.condition); importing FLUX.1 re-initialises that projection's
+  # first kernel (convert.flux.REINITIALISABLE). 11,901,402,176 parameters (FLUX.1-schnell's
+  # own: 11,891,178,560, counted on diffusers' model).
+  "flux1": MMDiTConfig(
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=4096,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+  ),
 }
 
 
@@ -250,6 +274,124 @@ def get_mmdit_config(name: str, **overrides) -> MMDiTConfig:
   if name not in MMDIT_VARIANTS:
     raise ValueError(f"unknown MM-DiT variant {name!r}; known: {sorted(MMDIT_VARIANTS)}")
   return dataclasses.replace(MMDIT_VARIANTS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# Every Dense a block makes, by its path inside the block (LoRA can wrap any of these).
+LORA_LAYERS: dict[str, tuple[str, ...]] = {
+  "double": (  # transformer_blocks_<i>/...
+    "attn/to_q",
+    "attn/to_k",
+    "attn/to_v",
+    "attn/to_out_0",
+    "attn/add_q_proj",
+    "attn/add_k_proj",
+    "attn/add_v_proj",
+    "attn/to_add_out",
+    "ff/net_0/proj",
+    "ff/net_2",
+    "ff_context/net_0/proj",
+    "ff_context/net_2",
+  ),
+  "single": (  # single_transformer_blocks_<i>/...
+    "attn/to_q",
+    "attn/to_k",
+    "attn/to_v",
+    "proj_mlp",
+    "proj_out",
+  ),
+}
+# Named groups of ``LoRAConfig.targets``. "attn": the query/key/value and output projections of
+# both streams of the double blocks and of the single blocks (whose one output projection,
+# ``proj_out``, maps concat(attention, MLP) and so is in both groups); "mlp": the MLP input and
+# output projections (double: ``ff`` and ``ff_context``; single: ``proj_mlp`` and ``proj_out``).
+# The adaLN modulations (``norm*/linear``) and the embedders outside the blocks get no LoRA.
+_EVERY_LORA_LAYER = tuple(dict.fromkeys(LORA_LAYERS["double"] + LORA_LAYERS["single"]))
+LORA_GROUPS: dict[str, tuple[str, ...]] = {
+  "attn": tuple(p for p in _EVERY_LORA_LAYER if p.startswith("attn/")) + ("proj_out",),
+  "mlp": tuple(p for p in _EVERY_LORA_LAYER if p.startswith(("ff", "proj_"))),
+}
+LORA_LEAVES = ("lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+  """Low-rank adapters on the generator's block projections (``config.model.lora``).
+
+  ``targets``: names from ``LORA_GROUPS`` ("attn", "mlp") or ``fnmatch`` patterns over the
+  block-relative paths of ``LORA_LAYERS`` (e.g. "attn/to_*", "ff_context/*"); a target that
+  names no layer is an error. ``alpha``: the update is scaled by ``alpha / rank`` (0: alpha =
+  rank, scale 1). ``trainable``: generator parameter path prefixes ('/'-joined, e.g.
+  "context_embedder", "time_text_embed/text_embedder") that train in full beside the adapters
+  (the rest of the base weights is frozen).
+  """
+
+  rank: int
+  alpha: float = 0.0
+  targets: tuple[str, ...] = ("attn", "mlp")
+  trainable: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    object.__setattr__(self, "trainable", tuple(self.trainable))
+    if not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f"config.model.lora.rank={self.rank!r} must be a positive integer here")
+    if self.alpha < 0:
+      raise ValueError(f"config.model.lora.alpha={self.alpha} must be >= 0 (0: alpha = rank)")
+    if not self.targets:
+      raise ValueError("config.model.lora.targets is empty: name the layers LoRA wraps")
+    every = _EVERY_LORA_LAYER
+    for t in self.targets:
+      if t not in LORA_GROUPS and not fnmatch.filter(every, t):
+        raise ValueError(
+          f"config.model.lora.targets: {t!r} names no block layer; use a group "
+          f"{sorted(LORA_GROUPS)} or a pattern over {sorted(every)}"
+        )
+
+  @property
+  def scale(self) -> float:
+    """The update's factor ``alpha / rank`` (1 for alpha 0)."""
+    return (self.alpha or self.rank) / self.rank
+
+  def wraps(self, where: str) -> bool:
+    """Whether the block layer at ``where`` (a ``LORA_LAYERS`` path) gets an adapter."""
+    return any(
+      where in LORA_GROUPS[t] if t in LORA_GROUPS else fnmatch.fnmatchcase(where, t)
+      for t in self.targets
+    )
+
+
+def _dense(
+  features: int,
+  axes: tuple[str, str],
+  name: str,
+  where: str,
+  lora: LoRAConfig | None,
+  **kw,
+) -> nn.Module:
+  """The block layer ``name`` (``where`` inside its block): a ``Dense``, with LoRA if ``lora``
+  wraps it."""
+  if lora is not None and lora.wraps(where):
+    kw = dict(kw, lora_rank=lora.rank, lora_alpha=lora.alpha or lora.rank)
+  return Dense(features, axes, name=name, **kw)
+
+
+def merge_lora(params: Any, lora: LoRAConfig | None) -> Any:
+  """``params`` with every LoRA layer folded into its kernel (float32 ``kernel + scale * a @ b``,
+  stored in the kernel's dtype) and ``lora_a`` / ``lora_b`` dropped: the plain tree of the same
+  architecture without LoRA. Unchanged (a copy of the dicts) when ``lora`` is None."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: merge_lora(v, lora) for k, v in params.items() if k not in LORA_LEAVES}
+  if "lora_a" in params:
+    if lora is None:
+      raise ValueError("parameters hold LoRA layers but no LoRAConfig was given to merge them")
+    k = params["kernel"]
+    a, b = (jnp.asarray(params[n], jnp.float32) for n in LORA_LEAVES)
+    ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    out["kernel"] = (jnp.asarray(k, jnp.float32) + lora.scale * ab).astype(k.dtype)
+  return out
 
 
 # ----------------------------------------------------------------------------- latents and ids
@@ -444,15 +586,19 @@ def _qkv(
   head_dim: int,
   dtype: Dtype,
   param_dtype: Dtype,
+  lora: LoRAConfig | None = None,
+  prefix: str = "attn",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v [B, L, N, H] from x [B, L, D], with RMS QK-norm (eps 1e-6) over H.
 
-  ``names`` = (q, k, v, q-norm, k-norm) submodule names, created in the calling compact module.
+  ``names`` = (q, k, v, q-norm, k-norm) submodule names, created in the calling compact module
+  (``prefix``: its name in the block, for ``lora``).
   """
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   split = lambda t: t.reshape(*t.shape[:2], num_heads, head_dim)
+  width = num_heads * head_dim
   q, k, v = (
-    split(Dense(num_heads * head_dim, ("embed", "heads"), name=n, **kw)(x)) for n in names[:3]
+    split(_dense(width, ("embed", "heads"), n, f"{prefix}/{n}", lora, **kw)(x)) for n in names[:3]
   )
   q = layers.RMSNorm(NORM_EPS, name=names[3], **kw)(q)
   k = layers.RMSNorm(NORM_EPS, name=names[4], **kw)(k)
@@ -474,13 +620,14 @@ class FluxAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # MMDiTConfig.attention
+  lora: LoRAConfig | None = None  # adapters on the projections LoRAConfig.targets names
 
   @nn.compact
   def __call__(
     self, x: jax.Array, angles: jax.Array, ctx: jax.Array | None = None
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    heads = (self.num_heads, self.head_dim, self.dtype, self.param_dtype)
+    heads = (self.num_heads, self.head_dim, self.dtype, self.param_dtype, self.lora, self.name)
     q, k, v = _qkv(x, ("to_q", "to_k", "to_v", "norm_q", "norm_k"), *heads)
     lt = 0
     if ctx is not None:
@@ -495,8 +642,11 @@ class FluxAttention(nn.Module):
     if ctx is None:
       return out
     d = x.shape[-1]
-    x_out = Dense(d, ("heads", "embed"), name="to_out_0", **kw)(out[:, lt:])
-    ctx_out = Dense(ctx.shape[-1], ("heads", "embed"), name="to_add_out", **kw)(out[:, :lt])
+    axes, lora = ("heads", "embed"), self.lora
+    x_out = _dense(d, axes, "to_out_0", f"{self.name}/to_out_0", lora, **kw)(out[:, lt:])
+    ctx_out = _dense(ctx.shape[-1], axes, "to_add_out", f"{self.name}/to_add_out", lora, **kw)(
+      out[:, :lt]
+    )
     return x_out, ctx_out
 
 
@@ -506,12 +656,13 @@ class GeluProj(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRAConfig | None = None  # adapter on ``proj`` if LoRAConfig.targets names ``where``
+  where: str = "ff/net_0"  # this module's path in its block
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Dense(
-      self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype
-    )(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _dense(self.features, ("embed", "mlp"), "proj", f"{self.where}/proj", self.lora, **kw)(x)
     return layers.gelu_tanh(h)
 
 
@@ -521,12 +672,13 @@ class FeedForward(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRAConfig | None = None  # adapters on the layers LoRAConfig.targets names
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GeluProj(self.mlp_dim, name="net_0", **kw)(x)
-    return Dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+    h = GeluProj(self.mlp_dim, lora=self.lora, where=f"{self.name}/net_0", name="net_0", **kw)(x)
+    return _dense(x.shape[-1], ("mlp", "embed"), "net_2", f"{self.name}/net_2", self.lora, **kw)(h)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -547,25 +699,27 @@ class DoubleStreamBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
   attention: str = "xla"  # MMDiTConfig.attention
+  lora: LoRAConfig | None = None  # MMDiT.lora
 
   @nn.compact
   def __call__(
     self, x: jax.Array, ctx: jax.Array, temb: jax.Array, angles: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    lora = self.lora
     ada = dict(zero_init=self.zero_init, **kw)
     nx, (gate, shift_mlp, scale_mlp, gate_mlp) = AdaLayerNormZero(name="norm1", **ada)(x, temb)
     nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
       name="norm1_context", **ada
     )(ctx, temb)
     attn_x, attn_c = FluxAttention(
-      self.num_heads, self.head_dim, attention=self.attention, name="attn", **kw
+      self.num_heads, self.head_dim, attention=self.attention, lora=lora, name="attn", **kw
     )(nx, angles, nc)
     x = x + gate[:, None] * attn_x.astype(jnp.float32)
-    ff = FeedForward(self.mlp_dim, name="ff", **kw)(_modulate(x, shift_mlp, scale_mlp))
+    ff = FeedForward(self.mlp_dim, lora=lora, name="ff", **kw)(_modulate(x, shift_mlp, scale_mlp))
     x = x + gate_mlp[:, None] * ff.astype(jnp.float32)
     ctx = ctx + c_gate[:, None] * attn_c.astype(jnp.float32)
-    ff_c = FeedForward(self.mlp_dim, name="ff_context", **kw)(
+    ff_c = FeedForward(self.mlp_dim, lora=lora, name="ff_context", **kw)(
       _modulate(ctx, c_shift_mlp, c_scale_mlp)
     )
     ctx = ctx + c_gate_mlp[:, None] * ff_c.astype(jnp.float32)
@@ -586,16 +740,19 @@ class SingleStreamBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   zero_init: bool = True  # zero-initialised modulation (MMDiTConfig.zero_init)
   attention: str = "xla"  # MMDiTConfig.attention
+  lora: LoRAConfig | None = None  # MMDiT.lora
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, angles: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    lora = self.lora
     n, gate = AdaLayerNormZeroSingle(name="norm", zero_init=self.zero_init, **kw)(h, temb)
-    mlp = layers.gelu_tanh(Dense(self.mlp_dim, ("embed", "mlp"), name="proj_mlp", **kw)(n))
+    mlp = _dense(self.mlp_dim, ("embed", "mlp"), "proj_mlp", "proj_mlp", lora, **kw)(n)
+    mlp = layers.gelu_tanh(mlp)
     attn = FluxAttention(
-      self.num_heads, self.head_dim, attention=self.attention, name="attn", **kw
+      self.num_heads, self.head_dim, attention=self.attention, lora=lora, name="attn", **kw
     )(n, angles)
-    out = Dense(h.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(
+    out = _dense(h.shape[-1], ("mlp", "embed"), "proj_out", "proj_out", lora, **kw)(
       jnp.concatenate([attn, mlp], axis=-1)
     )
     return h + gate[:, None] * out.astype(jnp.float32)
@@ -609,6 +766,7 @@ class MMDiT(nn.Module):
 
   Attributes:
     config: sizes.
+    lora: LoRA adapters on the block projections (None: none); see ``LoRAConfig``.
     dtype: matmul dtype (bfloat16 for training); norms, softmax, RoPE, modulation, residuals f32.
     param_dtype: parameter storage dtype.
   """
@@ -616,6 +774,7 @@ class MMDiT(nn.Module):
   config: MMDiTConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRAConfig | None = None  # adapters on the block projections (config.model.lora)
 
   @nn.compact
   def __call__(
@@ -654,6 +813,7 @@ class MMDiT(nn.Module):
       mlp_dim=c.mlp_dim,
       zero_init=c.zero_init,
       attention=c.attention,
+      lora=self.lora,
       **kw,
     )
     d = c.inner_dim

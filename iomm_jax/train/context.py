@@ -7,6 +7,11 @@ seeded random init. With an imported directory, ``config.model.mllm`` names the 
 checkpoint must be (e.g. "internvl3_2b"; a mismatch is an error naming both) or is
 ``"from_checkpoint"`` to take the checkpoint's own ``MLLMConfig``. The codec's parameters are a
 seeded init, or, with ``config.model.vae_checkpoint``, a VAE imported by ``convert.vae``.
+
+The generator a stage-2 run starts from (``initial_trainable``): ``config.train.init_from``, a
+stage-1 workdir (its EMA weights) or a diffusers ``FluxTransformer2DModel`` directory
+(``convert.flux.read_transformer_init``). With LoRA (``config.model.lora``) its base weights are
+frozen and come from there at every start, training and sampling alike.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import jax
 import ml_collections
 
 from iomm_jax import checkpointing, optim, runtime, sharding
-from iomm_jax.convert import internvl, tensors
+from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
 from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
+from iomm_jax.models import mmdit as mmdit_lib
 from iomm_jax.train import loop, steps
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -125,6 +131,58 @@ def restore_params(
   finally:
     ckpt.close()
   return getattr(state, which)
+
+
+def _strip_lora(tree: Any) -> Any:
+  """``tree`` without the LoRA leaves (the layout of a run without LoRA)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _strip_lora(v) for k, v in tree.items() if k not in mmdit_lib.LORA_LEAVES}
+
+
+def initial_trainable(
+  config: ml_collections.ConfigDict, model: iomm.IOMM, cond_len: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """(the whole trainable tree a stage-2 run starts from, unboxed, every generator parameter
+  included (LoRA's too), placed on the mesh of ``sharding.placing_on`` by the parameters'
+  logical axes (else on this process's first device); a JSON record of the source or None).
+
+  ``config.train.init_from``:
+    * a ``FluxTransformer2DModel`` directory (``flux.transformer_dir``): the generator from its
+      file, strictly (``flux.read_transformer_init``; one log line names each re-initialised
+      parameter); the adapter, connector, LoRA and re-initialised parameters from their init;
+    * a stage-1 workdir: its EMA weights; LoRA's from their init;
+    * "scratch": the init.
+  The init is ``iomm.init_trainable`` with ``config.seed``, computed only for the leaves that
+  are not loaded. Split it for LoRA with ``iomm.split_generator``.
+  """
+  boxed = jax.eval_shape(lambda: iomm.init_trainable(model, config.seed, cond_len))
+  mesh, rules = sharding.placement() or (sharding.single_device_mesh(), ())
+  where = tensors.flatten(sharding.logical_shardings(boxed, mesh, rules))
+  abstract = tensors.flatten(nn.meta.unbox(boxed))
+  src = config.train.init_from
+  loaded: dict[str, Any] = {}
+  record = None
+  if src and src != "scratch" and flux.transformer_dir(src) is not None:
+    init = flux.read_transformer_init(src, model.generator.config)
+    print(init.summary(), flush=True)
+    for p in init.keys:
+      path = f"generator/{p}"
+      array = init.array(p, abstract[path].dtype)
+      loaded[path] = sharding.place(array, where[path])
+    record = init.meta()
+  elif src and src != "scratch":
+    restored = restore_params(src, _strip_lora(boxed), which="ema")
+    loaded = tensors.flatten(restored)
+    record = {"format": "workdir", "path": os.path.abspath(src), "weights": "ema"}
+  fresh = [p for p in abstract if p not in loaded]
+
+  def init_rest():  # XLA computes only the leaves returned
+    full = tensors.flatten(nn.meta.unbox(iomm.init_trainable(model, config.seed, cond_len)))
+    return {p: full[p] for p in fresh}
+
+  rest = jax.jit(init_rest, out_shardings={p: where[p] for p in fresh})() if fresh else {}
+  return tensors.unflatten({**loaded, **rest}), record
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> GenerationContext:

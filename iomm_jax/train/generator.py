@@ -1,4 +1,10 @@
-"""Library functions of the generator stages (1: image-only pre-training, 2: mixed fine-tune)."""
+"""Library functions of the generator stages (1: image-only pre-training, 2: mixed fine-tune).
+
+With LoRA (``config.model.lora.rank`` > 0) the trainable state holds the adapters (+ RQA and
+connector, + ``lora.trainable``'s base parameters) and ``frozen["generator"]`` the other base
+weights, placed by their logical axes like the MLLM (``iomm.split_generator``); they are not
+checkpointed but loaded from ``config.train.init_from`` at every start.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from iomm_jax.train import cache, context, loop, steps
 
 
 def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
-  """Boxed abstract ``{"mllm", "codec"}`` parameters (logical axis names, no values)."""
+  """Boxed abstract ``{"mllm", "codec"}`` parameters (logical axis names, no values), and with
+  LoRA the frozen base weights of the generator (``"generator"``)."""
   mllm = jax.eval_shape(lambda: iomm.init_mllm(model, 0))
   codec = model.codec
   if hasattr(codec, "module"):  # the VAE: its Linen module carries the logical axis names
@@ -28,7 +35,11 @@ def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
     codec_tree = jax.eval_shape(lambda x: codec.module.init(iomm.init_key(0), x)["params"], x)
   else:
     codec_tree = jax.eval_shape(lambda: codec.init_params(iomm.init_key(0), model.image_size))
-  return {"mllm": mllm, "codec": codec_tree}
+  out = {"mllm": mllm, "codec": codec_tree}
+  if model.generator.lora is not None:  # (no generator parameter depends on the prompt length)
+    full = jax.eval_shape(lambda: iomm.init_trainable(model, 0, 1))
+    out["generator"] = iomm.split_generator(model, full)[1]
+  return out
 
 
 def frozen_shardings(model: iomm.IOMM, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
@@ -63,8 +74,9 @@ def abstract_batch(
 
 
 def init_fn(model: iomm.IOMM, config: ml_collections.ConfigDict, cond_len: int) -> Callable:
-  """The boxed initialiser of the trainable parameters (adapter, connector, generator)."""
-  return lambda: iomm.init_trainable(model, config.seed, cond_len)
+  """The boxed initialiser of the trainable parameters (adapter, connector, generator; with LoRA
+  only the generator's trainable part, ``iomm.split_generator``)."""
+  return lambda: iomm.split_generator(model, iomm.init_trainable(model, config.seed, cond_len))[0]
 
 
 def make_step(
@@ -80,11 +92,16 @@ def make_step(
 def setup(
   config: ml_collections.ConfigDict,
   workdir: str,
-  init_from: Callable[[Any], Any] | None = None,
+  from_init: bool = False,
   sample_kind: str = "text",
 ) -> loop.Run:
   """Everything the step loop needs for a generator stage, restored or initialised, sharded over
-  the mesh of ``config.sharding`` (trainable state and frozen MLLM / codec alike)."""
+  the mesh of ``config.sharding`` (trainable state and frozen MLLM / codec alike).
+
+  ``from_init``: a fresh start takes ``context.initial_trainable`` (``config.train.init_from``:
+  a stage-1 workdir or a FLUX-format directory) instead of the init. With LoRA the base weights
+  are frozen and come from there (or, without ``from_init``, from the seeded init) at every
+  start, resumes included; the checkpoints' metadata record the source (``init_from``)."""
   loop.prepare_workdir(config, workdir)
   mesh, rules = loop.mesh_and_rules(config)
   if config.model.mllm_init != "checkpoint":  # trained once, by process 0 (build then loads it)
@@ -92,6 +109,21 @@ def setup(
   with sharding.placing_on(mesh, rules):  # a stage-0 MLLM restores straight into its shards
     ctx = context.build(config, workdir)
   frozen_sh = frozen_shardings(ctx.model, mesh, rules)
+  cond_len = ctx.conditioner.cond_len
+  record: dict[str, Any] = {}
+
+  def initial() -> tuple[Any, Any]:
+    """(trainable, frozen generator) of ``context.initial_trainable``; records its source."""
+    with sharding.placing_on(mesh, rules):  # loaded straight into the parameters' shards
+      full, rec = context.initial_trainable(config, ctx.model, cond_len)
+    record.update(rec or {})
+    return iomm.split_generator(ctx.model, full)
+
+  init_from = (lambda boxed: initial()[0]) if from_init else None  # a fresh start only
+  if ctx.model.generator.lora is not None:  # the frozen base weights: at every start
+    trainable0, frozen_generator = initial()
+    ctx = dataclasses.replace(ctx, frozen={**ctx.frozen, "generator": frozen_generator})
+    init_from = lambda boxed: trainable0
   ctx = dataclasses.replace(ctx, frozen=sharding.place(ctx.frozen, frozen_sh))
   if config.data.features:  # encoded by this run's frozen encoders? (else an error naming both)
     cache.check_run(config, ctx.model, ctx.frozen)
@@ -102,7 +134,7 @@ def setup(
   state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,
-    init_fn(ctx.model, config, ctx.conditioner.cond_len),
+    init_fn(ctx.model, config, cond_len),
     optimizer,
     data_iter,
     mesh,
@@ -110,6 +142,8 @@ def setup(
     init_from=init_from,
   )
   meta = {"stage": config.stage, "model": checkpointing.model_signature(config)}
+  if record:
+    meta["init_from"] = record
   return loop.Run(
     config,
     workdir,

@@ -7,7 +7,9 @@ batches split over ``("data", "fsdp")``; no weights, tokenizer files or data are
 and compiles the step for ``config.sharding.mesh`` on whatever devices this process has (fake CPU
 devices: ``iomm-plan`` starts JAX with as many as the mesh needs) and reports
 
-  * parameter counts (trainable: adapter, connector, generator; frozen: MLLM, codec);
+  * parameter counts (trainable: adapter, connector, generator; frozen: MLLM, codec; with LoRA
+    (``config.model.lora``) the generator's adapters train and its base weights count as frozen,
+    so the optimiser state and EMA hold the adapters only: ``params["lora"]``);
   * per-device bytes of the parameters, EMA, optimiser state, frozen weights and batch, from the
     shardings (exact: each leaf's shard shape x its itemsize);
   * XLA's ``memory_analysis()`` of the compiled step (arguments, outputs, aliased (donated)
@@ -41,6 +43,7 @@ from iomm_jax.configs import loading
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
+from iomm_jax.models import mmdit as mmdit_lib
 from iomm_jax.train import context, generator, loop
 
 GIB = 2**30
@@ -195,6 +198,7 @@ def plan(
       "trainable_total": _count(state.params),
       "frozen": {k: _count(v) for k, v in frozen.items()},
       "frozen_total": _count(frozen),
+      "lora": _lora_report(model, state.params),
     },
     "bytes_per_device": bytes_,
     "xla": xla,
@@ -203,6 +207,22 @@ def plan(
     "fits": None if total is None else total <= budget_gib * GIB,
     "compile_s": seconds,
     "notes": notes,
+  }
+
+
+def _lora_report(model: iomm.IOMM, params: Any) -> dict[str, Any] | None:
+  """The generator's LoRA settings and its count of adapter parameters (None without LoRA)."""
+  lora = model.generator.lora
+  if lora is None:
+    return None
+  flat = jax.tree_util.tree_flatten_with_path(params["generator"])[0]
+  adapters = sum(math.prod(x.shape) for path, x in flat if path[-1].key in mmdit_lib.LORA_LEAVES)
+  return {
+    "rank": lora.rank,
+    "alpha": lora.alpha or lora.rank,
+    "targets": list(lora.targets),
+    "trainable": list(lora.trainable),
+    "adapter_params": adapters,
   }
 
 
@@ -227,6 +247,18 @@ def _gib(b: int) -> str:
   return f"{b / GIB:9.3f}"
 
 
+def _lora_lines(lora: dict[str, Any] | None) -> list[str]:
+  """The report's LoRA line (none without LoRA)."""
+  if lora is None:
+    return []
+  full = f", in full: {', '.join(lora['trainable'])}" if lora["trainable"] else ""
+  return [
+    f"LoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {', '.join(lora['targets'])}: "
+    f"{lora['adapter_params']:,} adapter parameters train{full}; the generator's other "
+    "weights are frozen (no gradient, optimizer state or EMA)"
+  ]
+
+
 def format_report(r: dict[str, Any]) -> str:
   """The report as a short human-readable table (GiB per device)."""
   m, p, b, x = r["mesh"], r["params"], r["bytes_per_device"], r["xla"]
@@ -249,6 +281,7 @@ def format_report(r: dict[str, Any]) -> str:
       p["frozen_total"],
       ", ".join(f"{k} {v:,}" for k, v in p["frozen"].items()),
     ),
+    *_lora_lines(p["lora"]),
     "",
     "per device                         GiB",
     f"  parameters (trainable)     {_gib(b['params'])}",

@@ -2,8 +2,9 @@
 
 ``train_step(state, batch, frozen, rng) -> (state, metrics)``: the randomness of a step is
 ``fold_in(rng, state.step)``, so nothing random lives in the state and a resumed run replays the
-same noise. Frozen parameters (MLLM, codec) are a separate, non-donated argument that is never
-differentiated. Losses and flow-matching arithmetic are float32.
+same noise. Frozen parameters (MLLM, codec; with LoRA the base generator weights) are a
+separate, non-donated argument that is never differentiated. Losses and flow-matching arithmetic
+are float32.
 """
 
 from __future__ import annotations
@@ -289,7 +290,8 @@ def generator_loss_fn(
     else:
       x = model.codec.encode(frozen["codec"], codec_lib.images_to_unit(images))
     pair = flow.training_pair(x, noise["z"], t)
-    pred = iomm.velocity(model, trainable["generator"], pair["x_t"], t, ctx, pooled)
+    gen = iomm.generator_params(trainable, frozen)  # + the frozen base weights under LoRA
+    pred = iomm.velocity(model, gen, pair["x_t"], t, ctx, pooled)
     per_ex = flow.flow_matching_loss(pred, pair["target"])
     img_only = batch["is_image_only"].astype(jnp.float32)
     aux = {  # (numerator, denominator) pairs: finish_aux

@@ -21,7 +21,6 @@ import json
 import os
 
 import diffusers
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,48 +35,20 @@ from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.diffusion import sampling
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm, mmdit
+from tests.convert import tiny_flux
 
 TOL_TRANSFORMER = 1e-4
 TOL_MODULES = 1e-5
 TOL_PIXELS = 1e-3
 
 torch.set_num_threads(2)
-
-
-def _random_params(abstract, seed: int = 0, small: float = 0.1):
-  """Numpy parameters for an abstract tree: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0,
-  small), every other leaf ~ N(0, small) (so adaLN modulation and biases are not zero)."""
-  rng = np.random.default_rng(seed)
-
-  def make(path, x):
-    name = path[-1].key
-    if name == "kernel":
-      fan_in = int(np.prod(x.shape[:-1]))
-      return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-    value = small * rng.standard_normal(x.shape)
-    return (value + (name == "scale")).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(make, nn.meta.unbox(abstract))
-
-
-def _t(x) -> torch.Tensor:
-  return torch.from_numpy(np.array(x))
+_t = tiny_flux.to_torch
 
 
 # ----------------------------------------------------------------------------- transformer
 
 CONFIGS = {
-  # tiny-like, no guidance, 2 double + 1 single blocks
-  "plain": mmdit.MMDiTConfig(
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    pooled_projection_dim=20,
-    axes_dims_rope=(4, 6, 6),
-  ),
+  "plain": tiny_flux.TINY,  # 2 double + 1 single blocks, no guidance
   # guidance embeddings, single-stream only, out_channels and diffusers patch_size set
   "guidance": mmdit.MMDiTConfig(
     in_channels=16,
@@ -97,18 +68,9 @@ CONFIGS = {
 
 def _transformer_case(cfg: mmdit.MMDiTConfig, seed: int = 0):
   """Random params and inputs of an MM-DiT: (params, numpy inputs, our velocity)."""
-  rng = np.random.default_rng(seed + 1)
-  b, hp, wp, lt = 2, 3, 2, 5
-  inputs = dict(
-    img=rng.standard_normal((b, hp * wp, cfg.in_channels), np.float32),
-    img_ids=np.asarray(mmdit.image_ids(b, hp, wp)),
-    txt=rng.standard_normal((b, lt, cfg.joint_attention_dim), np.float32),
-    txt_ids=np.asarray(mmdit.text_ids(b, lt)),
-    pooled=rng.standard_normal((b, cfg.pooled_projection_dim), np.float32),
-    timestep=np.array([0.9, 0.3], np.float32),
-  )
+  inputs = tiny_flux.inputs(cfg, seed + 1)
   guidance = np.array([3.5, 1.0], np.float32) if cfg.guidance_embeds else None
-  params = _random_params(flux.transformer_template(cfg), seed)
+  params = tiny_flux.random_params(flux.transformer_template(cfg), seed)
   out = jax.jit(mmdit.MMDiT(cfg).apply)({"params": params}, **inputs, guidance=guidance)
   return params, inputs, guidance, np.asarray(out)
 
@@ -123,17 +85,7 @@ def test_diffusers_transformer_matches_mmdit(name, tmp_path):
   )
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   assert model.dtype == torch.float32
-  with torch.no_grad():
-    theirs = model(
-      hidden_states=_t(inputs["img"]),
-      encoder_hidden_states=_t(inputs["txt"]),
-      pooled_projections=_t(inputs["pooled"]),
-      timestep=_t(inputs["timestep"]),
-      img_ids=_t(inputs["img_ids"][0]),
-      txt_ids=_t(inputs["txt_ids"][0]),
-      guidance=None if guidance is None else _t(guidance),
-      return_dict=False,
-    )[0].numpy()
+  theirs = tiny_flux.diffusers_velocity(model, inputs, guidance)
   err = float(np.abs(theirs - ours).max())
   print(
     f"\n[flux export] {name}: max |diffusers - ours| = {err:.3g} (scale {np.abs(ours).max():.3g})"
@@ -144,7 +96,7 @@ def test_diffusers_transformer_matches_mmdit(name, tmp_path):
 
 def test_transformer_round_trip_is_bit_identical(tmp_path):
   cfg = CONFIGS["guidance"]
-  params = _random_params(flux.transformer_template(cfg), 3)
+  params = tiny_flux.random_params(flux.transformer_template(cfg), 3)
   flux.export_transformer(params, cfg, str(tmp_path))
   config = json.load(open(tmp_path / flux.CONFIG_NAME))
   assert config["_class_name"] == "FluxTransformer2DModel" and config["guidance_embeds"] is True
@@ -180,11 +132,8 @@ def test_config_maps_both_ways():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """A small exported transformer directory and its params."""
-  cfg = CONFIGS["plain"]
-  params = _random_params(flux.transformer_template(cfg), 5)
   out = str(tmp_path_factory.mktemp("flux_bad"))
-  flux.export_transformer(params, cfg, out)
-  return out, cfg, params
+  return out, tiny_flux.TINY, tiny_flux.export_random(tiny_flux.TINY, out, 5)
 
 
 def _rewrite(src: str, dst, edit) -> str:
@@ -280,13 +229,13 @@ def _trainable(model, seed=0, generator=True):
   """Random trainable params of ``model`` (without the generator's: faster, for the adapter and
   connector tests)."""
   if generator:
-    return _random_params(jax.eval_shape(lambda: iomm.init_trainable(model, 0, 8)), seed)
+    return tiny_flux.random_params(jax.eval_shape(lambda: iomm.init_trainable(model, 0, 8)), seed)
   d = model.mllm_config.text.width
   x, valid = jnp.zeros((1, 8, d)), jnp.ones((1, 8), bool)
   inits = {"connector": lambda: model.connector.init(jax.random.key(0), x)["params"]}
   if model.adapter is not None:
     inits["adapter"] = lambda: model.adapter.init(jax.random.key(0), x, valid)["params"]
-  return {k: _random_params(jax.eval_shape(f), seed) for k, f in inits.items()}
+  return {k: tiny_flux.random_params(jax.eval_shape(f), seed) for k, f in inits.items()}
 
 
 @pytest.mark.parametrize(
@@ -361,7 +310,7 @@ def pipeline_case(tmp_path_factory):
   model = _model("rqa", "linear", adapter_layers=1)
   trainable = _trainable(model, 1)
   mllm_abstract = jax.eval_shape(lambda: iomm.init_mllm(model, 0))
-  frozen = {"mllm": _random_params(mllm_abstract, 2, small=0.02), "codec": {}}
+  frozen = {"mllm": tiny_flux.random_params(mllm_abstract, 2, small=0.02), "codec": {}}
   out = str(tmp_path_factory.mktemp("iomm_export"))
   flux.export_generator(model, trainable, out, frozen=frozen)
   assert os.path.isdir(os.path.join(out, flux.MLLM_DIR))
@@ -385,7 +334,12 @@ def test_pipeline_reproduces_jax_generate(pipeline_case):
     )
   )
   theirs = pipe.generate(
-    _t(ids).long(), _t(valid), _t(null_ids).long(), _t(null_valid), _t(noise), **settings
+    _t(ids).long(),
+    _t(valid),
+    _t(null_ids).long(),
+    _t(null_valid),
+    _t(noise),
+    **settings,
   )
   diff = np.abs(theirs.astype(np.int32) - ours.astype(np.int32))
   print(
@@ -416,7 +370,12 @@ def test_x_prediction_export_reproduces_jax_generate(pipeline_case, tmp_path):
   ours = np.asarray(generate._generate(model, *args, **settings))
   as_velocity = np.asarray(generate._generate(model_v, *args, **settings))
   theirs = pipe.generate(
-    _t(ids).long(), _t(ids != 0), _t(null_ids).long(), _t(null_valid), _t(noise), **settings
+    _t(ids).long(),
+    _t(ids != 0),
+    _t(null_ids).long(),
+    _t(null_valid),
+    _t(noise),
+    **settings,
   )
   diff = np.abs(theirs.astype(np.int32) - ours.astype(np.int32))
   assert diff.mean() / 255 <= TOL_PIXELS and diff.max() <= 1
@@ -486,8 +445,8 @@ def test_sampler_with_vae_reproduces_jax(tmp_path):
 
   codec = codec_lib.make_codec("vae", variant="tiny")  # 2x down, 4 latent channels
   cfg = CONFIGS["plain"]  # in_channels 16 = 4 channels packed 2x2
-  params = _random_params(flux.transformer_template(cfg), 4)
-  vae_params = _random_params(vae_convert.abstract_params(codec.config), 6, small=0.05)
+  params = tiny_flux.random_params(flux.transformer_template(cfg), 4)
+  vae_params = tiny_flux.random_params(vae_convert.abstract_params(codec.config), 6, small=0.05)
   vae_convert.export_vae(vae_params, codec.config, str(tmp_path / "vae"))
   flux.export_transformer(params, cfg, str(tmp_path / "transformer"))
   transformer = torch_port.load_transformer(str(tmp_path))

@@ -275,7 +275,7 @@ def test_config_validation_names_the_field():
     mmdit.MMDiTConfig(attention_head_dim=32, axes_dims_rope=(7, 13, 12))
   with pytest.raises(ValueError, match="num_attention_heads"):
     mmdit.get_mmdit_config("tiny", num_attention_heads=0)
-  with pytest.raises(ValueError, match="'B', 'L', 'XL', 'shapes', 'tiny'"):
+  with pytest.raises(ValueError, match="'B', 'L', 'XL', 'flux1', 'shapes', 'tiny'"):
     mmdit.get_mmdit_config("XXL")
   assert mmdit.get_mmdit_config("B", num_layers=2).num_layers == 2
   assert mmdit.get_mmdit_config("tiny", axes_dims_rope=[8, 12, 12]).axes_dims_rope == (8, 12, 12)
