@@ -81,7 +81,8 @@ def main() -> None:
   for wd in a.workdir:
     folder = os.path.join(a.out, os.path.basename(os.path.normpath(wd)))
     t = time.time()
-    cmd = [os.path.join(BIN, "iomm-edit"), "--workdir", wd, "--edits", edits, "--outdir", folder,
+    cmd = [os.path.join(BIN, "iomm-edit"), "--workdir", wd, "--edits", edits,
+           "--image_root", os.path.join(a.out, "sources"), "--outdir", folder,
            "--seed", str(a.seed), "--batch", "32", "--progress=false"]  # fmt: skip
     subprocess.run(cmd, check=True)
     rows.append((wd, score_folder(folder, tasks, world), time.time() - t))

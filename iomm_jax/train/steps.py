@@ -172,7 +172,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: dict, frozen: Any, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = grad_fn(state.params, frozen, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -195,8 +195,8 @@ def make_train_step(
       "loss": loss,
       "grad_norm": grad_norm,
       "lr": schedule(state.step),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
       "nonfinite": new_state.nonfinite,
       **aux,
     }

@@ -11,6 +11,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 from iomm_jax import optim
@@ -149,8 +150,19 @@ def test_stages_share_the_model(name):
 def test_muon_builds_for_the_xl_generator():
   c = _load("iomm_xl", "pretrain")
   opt, _ = optim.make_optimizer(c.optim, c.train.num_steps)
-  state = jax.eval_shape(opt.init, nn.meta.unbox(_trainable_shapes("iomm_xl")))
-  assert jax.tree_util.tree_leaves(state)
+  params = nn.meta.unbox(_trainable_shapes("iomm_xl"))
+  state = jax.eval_shape(opt.init, params)
+  # Muon keeps a momentum for every 2-D weight, Adam two moments for every other parameter
+  inner = state[-1].inner_states  # after the clip: the partition into Muon and Adam
+  held = lambda tree: [x for x in jax.tree.leaves(tree) if not isinstance(x, optax.MaskedNode)]
+  muon, adam = inner["muon"].inner_state[0], inner["adam"].inner_state[0]
+  leaves = jax.tree.leaves(params)
+  matrices = [x.shape for x in leaves if x.ndim == 2]
+  others = [x.shape for x in leaves if x.ndim != 2]
+  assert matrices and others
+  assert sorted(x.shape for x in held(muon.mu)) == sorted(matrices)
+  assert sorted(x.shape for x in held(adam.mu)) == sorted(others)
+  assert sorted(x.shape for x in held(adam.nu)) == sorted(others)
 
 
 @pytest.mark.parametrize("name", ("iomm_b", "iomm_l"))
