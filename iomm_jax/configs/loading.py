@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from iomm_jax import sharding
+from iomm_jax.configs import mesh as mesh_lib
 from iomm_jax.configs.base import STAGES
 
 
@@ -226,7 +226,7 @@ def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> Non
   k, b = t.grad_accum, t.batch_size
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"config.train.grad_accum={k!r} must be an integer >= 1")
-  data, fsdp, _ = sharding.mesh_shape(config.sharding.mesh, num_devices)
+  data, fsdp, _ = mesh_lib.mesh_shape(config.sharding.mesh, num_devices)
   if b % k or (b // k) % (data * fsdp):
     raise ValueError(
       f"config.train.batch_size={b} with config.train.grad_accum={k}: each micro-batch "
@@ -277,8 +277,8 @@ def _validate(
     raise ValueError(f"config.diffusion.mix_ratio={d.mix_ratio} must be in [0, 1]")
   if not 0.0 <= d.cond_dropout < 1.0:
     raise ValueError(f"config.diffusion.cond_dropout={d.cond_dropout} must be in [0, 1)")
-  sharding.axis_rules(config)
-  sharding.check_batch(config, num_devices, num_processes)
+  mesh_lib.axis_rules(config)
+  mesh_lib.check_batch(config, num_devices, num_processes)
   if t.num_steps <= 0:
     raise ValueError(f"config.train.num_steps={t.num_steps} must be positive")
   check_grad_accum(config, num_devices)
