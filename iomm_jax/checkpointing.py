@@ -28,7 +28,6 @@ Faults (a training run's ``Checkpointer(..., writer=True)``):
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -42,7 +41,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from iomm_jax import runtime
+from iomm_jax import files, runtime
 
 # Keys of config.model that change parameter shapes or meaning; a resumed or initialising run
 # must agree with the checkpoint on each.
@@ -375,11 +374,8 @@ def _tree_bytes(path: str) -> int:
 
 
 def save_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes JSON atomically (``files.write_json``: indent 2, sorted keys)."""
+  files.write_json(path, obj)
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -67,8 +67,7 @@ def _generate_rows(
     )
     if reps == 1:
       return v
-    vc, vu = v[:b], v[b:]
-    return vu + cfg_scale * (vc - vu)
+    return sampling.cfg(v[:b], v[b:], cfg_scale)
 
   h, w, c = model.latent_shape
   if rng.ndim == 0:  # one key for the chunk

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from iomm_jax import checkpointing, inference
+from iomm_jax import checkpointing, files, inference
 from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_editing, shapes_geneval
 from iomm_jax.train import finetune, mllm, pretrain
@@ -596,10 +596,7 @@ def write_docs(doc: str, question: str, section: str) -> None:
     text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
   else:
     text = text.rstrip() + "\n\n" + block + "\n"
-  tmp = doc + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, doc)
+  files.write_text(doc, text)
 
 
 def main(

@@ -372,7 +372,7 @@ def sample_latents(
     if reps == 1:
       return v
     vc, vu = v[:b], v[b:]
-    return vu + cfg_scale * (vc - vu)
+    return vu + cfg_scale * (vc - vu)  # diffusion.sampling.cfg
 
   return sample(v_fn, noise, num_steps, solver, shift)
 

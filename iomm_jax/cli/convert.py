@@ -28,7 +28,6 @@ Only safetensors are read; errors name the file, parameter and shapes at fault.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -67,7 +66,7 @@ def export_torch(
 ) -> dict:
   """Exports a trained workdir (see the module docstring), its EMA weights unless ``ema`` is
   False (``inference.load_generator``'s default); returns ``iomm.json``'s contents."""
-  from iomm_jax import checkpointing, inference
+  from iomm_jax import checkpointing, files, inference
   from iomm_jax.convert import flux
 
   if step is None:
@@ -80,8 +79,7 @@ def export_torch(
   # ema_decay = 0: no EMA is kept (one saved by an older version equals the parameters)
   weights = "ema" if ema and config.train.ema_decay > 0 else "params"
   provenance = {"workdir": os.path.abspath(workdir), "step": step, "weights": weights}
-  with open(os.path.join(out, "source.json"), "w") as f:
-    json.dump(provenance, f, indent=2)
+  files.write_json(os.path.join(out, "source.json"), provenance, sort_keys=False)
   return meta
 
 

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from iomm_jax import files
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.models import adapter as adapter_lib
@@ -176,12 +177,9 @@ def _diffusers_version() -> str | None:
 
 
 def _write_json(path: str, obj: dict) -> None:
+  """Writes JSON atomically in insertion order, creating the directory."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_json(path, obj, sort_keys=False, newline=True)
 
 
 # ----------------------------------------------------------------------------- transformer

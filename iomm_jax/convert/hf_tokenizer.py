@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from iomm_jax import files
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -225,11 +227,10 @@ class HFTokenizer:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, TOKENIZER_JSON), "w", encoding="utf-8") as f:
       f.write(self._json)
-    with open(os.path.join(path, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
-      json.dump(self._config, f, indent=2, ensure_ascii=False)
+    json_kw = dict(sort_keys=False, ensure_ascii=False)
+    files.write_json(os.path.join(path, TOKENIZER_CONFIG), self._config, **json_kw)
     if self._special_map:
-      with open(os.path.join(path, SPECIAL_TOKENS_MAP), "w", encoding="utf-8") as f:
-        json.dump(self._special_map, f, indent=2, ensure_ascii=False)
+      files.write_json(os.path.join(path, SPECIAL_TOKENS_MAP), self._special_map, **json_kw)
     if self._template_source is not None:
       with open(os.path.join(path, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
         f.write(self._template_source)

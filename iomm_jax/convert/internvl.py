@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from iomm_jax import files
 from iomm_jax.convert import tensors
 from iomm_jax.convert.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from iomm_jax.convert.tensors import ConversionError
@@ -477,10 +478,8 @@ def read_hf(hf_dir: str, dtype: str = "float32") -> tuple[MLLMConfig, dict[str, 
 
 
 def _write_config(out_dir: str, payload: dict[str, Any]) -> None:
-  tmp = os.path.join(out_dir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, CONFIG_FILE))
+  """``out_dir/config.json``, atomically, in insertion order."""
+  files.write_json(os.path.join(out_dir, CONFIG_FILE), payload, sort_keys=False)
 
 
 def import_internvl(

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iomm_jax import files
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.models import codec
@@ -262,12 +263,8 @@ def _read_diffusers_weights(
 
 
 def _write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
-  """Writes JSON to a temporary file, then renames it over ``path``."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes JSON atomically (``files.write_json``), ending in a newline."""
+  files.write_json(path, obj, newline=True)
 
 
 def _is_converted(config_path: str) -> bool:

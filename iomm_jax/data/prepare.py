@@ -32,6 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from iomm_jax import files
 from iomm_jax.data import decode, records
 from iomm_jax.data.inputs import InputError
 
@@ -203,11 +204,7 @@ def finalize(out_dir: str, settings: dict[str, Any], num_shards: int) -> dict[st
       fixes[k] = fixes.get(k, 0) + v
     for s in rep["skipped"]:
       reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
-  tmp = os.path.join(out_dir, f"{SKIPPED}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    for s in skipped:
-      f.write(json.dumps(s) + "\n")
-  os.replace(tmp, os.path.join(out_dir, SKIPPED))
+  files.write_text(os.path.join(out_dir, SKIPPED), "".join(json.dumps(s) + "\n" for s in skipped))
   manifest = {
     "format": records.FORMAT,
     "format_version": records.FORMAT_VERSION,

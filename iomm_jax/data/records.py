@@ -30,6 +30,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from iomm_jax import files
+
 FORMAT = "iomm-array-record"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,13 +65,8 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes ``obj`` to ``path`` through a temporary file and a rename (never half-written)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes ``obj`` to ``path`` atomically (``files.write_json``, indent 1, sorted keys)."""
+  files.write_json(path, obj, indent=1)
 
 
 def check_manifest(path: str, what: str, fmt: str, version: int, tool: str) -> dict[str, Any]:

@@ -25,16 +25,17 @@ def time_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
   return shift_timesteps(t, shift) if shift != 1.0 else t
 
 
+def cfg(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:
+  """Classifier-free guidance of two velocities: ``v_u + scale * (v_c - v_u)`` (the one formula;
+  ``generate`` and ``guided`` use it, ``torch_port.sample_latents`` mirrors it)."""
+  return v_uncond + scale * (v_cond - v_uncond)
+
+
 def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> VelocityFn:
-  """Classifier-free guidance: ``v_u + scale * (v_c - v_u)``; scale 1 is the conditional."""
+  """Classifier-free guidance of two velocity functions (``cfg``); scale 1 is the conditional."""
   if scale == 1.0:
     return cond_fn
-
-  def fn(x, t):
-    vc, vu = cond_fn(x, t), uncond_fn(x, t)
-    return vu + scale * (vc - vu)
-
-  return fn
+  return lambda x, t: cfg(cond_fn(x, t), uncond_fn(x, t), scale)
 
 
 def sample(

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from iomm_jax import metrics, runtime
+from iomm_jax import files, metrics, runtime
 
 FORMATS = ("geneval", "wise", "dpg")  # iomm-sample's (prompt files)
 EDIT_FORMAT = "imgedit"  # iomm-edit's (its items carry a source image)
@@ -175,10 +175,7 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 
 def _save_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_text(path, text)
 
 
 class Writer:
