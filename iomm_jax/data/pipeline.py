@@ -44,6 +44,12 @@ def world_from_config(config: ml_collections.ConfigDict) -> shapes.WorldConfig:
     raise ValueError(str(e).replace("WorldConfig.", "config.data.")) from None
 
 
+def condition_length(aux_len: int, num_image_tokens: int, max_text_len: int) -> int:
+  """Length of every padded condition sequence: the longer of [BOS] + the auxiliary prompt
+  (``aux_len`` ids) + <img> + the image tokens + </img>, and a prompt of ``max_text_len``."""
+  return max(aux_len + 2 + num_image_tokens, max_text_len)
+
+
 @dataclasses.dataclass(frozen=True)
 class Conditioner:
   """Builds padded condition-id sequences; picklable, so it can run in grain workers."""
@@ -61,7 +67,7 @@ class Conditioner:
   @functools.cached_property
   def cond_len(self) -> int:
     """Length of every padded condition sequence."""
-    return max(len(self.aux_ids) + 2 + self.num_image_tokens, self.max_text_len)
+    return condition_length(len(self.aux_ids), self.num_image_tokens, self.max_text_len)
 
   def _pad(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     out = np.full((self.cond_len,), self.tokenizer.pad_id, np.int32)

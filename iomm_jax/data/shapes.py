@@ -74,6 +74,8 @@ from typing import Any
 
 import numpy as np
 
+from iomm_jax.configs.base import AUX_PROMPT  # the auxiliary reconstruction prompt
+
 PALETTE: dict[str, tuple[int, int, int]] = {
   "red": (220, 30, 30),
   "orange": (245, 125, 20),
@@ -118,9 +120,6 @@ NUMBER_WORDS = {
 }
 MAX_COUNTING = 4
 """Counting prompts use GenEval's range, two to four (further capped by ``max_count``)."""
-
-AUX_PROMPT = "Generate an image that is identical to the reference image:"
-"""The auxiliary reconstruction prompt used with a reference image."""
 
 DESCRIPTIVE = "descriptive"
 """Tag of descriptive-caption pairs (unconstrained scenes), see ``sample_pair``."""

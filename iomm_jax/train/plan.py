@@ -75,7 +75,7 @@ def token_layout(config: ml_collections.ConfigDict) -> TokenLayout:
   mcfg = mllm_lib.get_mllm_config(m.mllm)
   if m.mllm in OFF_THE_SHELF_MLLMS:
     aux = math.ceil(AUX_TOKENS_PER_WORD * len(m.aux_prompt.split())) + 1
-    cond_len = max(aux + 2 + mcfg.num_image_tokens, m.max_text_len)
+    cond_len = pipeline.condition_length(aux, mcfg.num_image_tokens, m.max_text_len)
     null_ids = np.zeros((cond_len,), np.int32)
     null_valid = np.arange(cond_len) < 1
     return TokenLayout(
