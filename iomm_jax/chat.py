@@ -44,7 +44,7 @@ import numpy as np
 
 from iomm_jax.convert import internvl
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
-from iomm_jax.data.tokenizer import Tokenizer
+from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 
@@ -76,7 +76,7 @@ class ChatModel:
 
   model: mllm_lib.InternVLModel
   params: Any
-  tokenizer: Tokenizer | HFTokenizer
+  tokenizer: TextTokenizer
   chat: bool
   source: str = ""
 
@@ -101,7 +101,7 @@ class ChatModel:
     return stop_ids(self.tokenizer, self.chat)
 
 
-def stop_ids(tokenizer: Tokenizer | HFTokenizer, chat: bool) -> tuple[int, ...]:
+def stop_ids(tokenizer: TextTokenizer, chat: bool) -> tuple[int, ...]:
   """The tokenizer's EOS id, and, when ``chat`` and the vocabulary has it, ``<|im_end|>``'s."""
   ids = [tokenizer.eos_id]
   if chat and isinstance(tokenizer, HFTokenizer):

@@ -35,6 +35,7 @@ import numpy as np
 import tokenizers
 
 from iomm_jax import files
+from iomm_jax.data.tokenizer import TextTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -138,8 +139,8 @@ def _compile_template(source: str):
   return env.from_string(source)
 
 
-class HFTokenizer:
-  """A ``tokenizer.json`` tokenizer with the interface of ``data.tokenizer.Tokenizer``.
+class HFTokenizer(TextTokenizer):
+  """A ``tokenizer.json`` tokenizer with the interface of ``data.tokenizer.TextTokenizer``.
 
   Args:
     tokenizer_json: the text of ``tokenizer.json``.
@@ -304,27 +305,6 @@ class HFTokenizer:
     by bos / eos."""
     ids = self._tok.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] if bos else []) + list(ids) + ([self.eos_id] if eos else [])
-
-  def encode_padded(
-    self, texts: Sequence[str], max_len: int, *, bos: bool = True, eos: bool = False
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes and right-pads ``texts`` to ``max_len``.
-
-    Returns (ids int32 [B, max_len] padded with ``pad_id``, valid bool [B, max_len]).
-
-    Raises:
-      ValueError: a prompt is longer than ``max_len`` tokens (the message names the prompt and
-        both lengths).
-    """
-    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
-    valid = np.zeros((len(texts), max_len), bool)
-    for i, text in enumerate(texts):
-      toks = self.encode(text, bos=bos, eos=eos)
-      if len(toks) > max_len:
-        raise ValueError(f"prompt {text!r} has {len(toks)} tokens, more than max_len={max_len}")
-      ids[i, : len(toks)] = toks
-      valid[i, : len(toks)] = True
-    return ids, valid
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """Text of ``ids``; pad, bos and eos are dropped, other special tokens are kept."""

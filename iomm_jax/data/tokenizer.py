@@ -11,6 +11,7 @@ can travel into grain worker processes.
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import string
@@ -27,8 +28,52 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 USER_SYMBOLS = (IMG_START, IMG_END, IMG_CONTEXT)
 
 
-class Tokenizer:
-  """SentencePiece wrapper with fixed special ids and padding helpers."""
+class TextTokenizer(abc.ABC):
+  """The interface every tokenizer of the project has (the data pipeline, the sampler and
+  ``iomm_jax.chat`` use only this): ``Tokenizer`` here and ``convert.hf_tokenizer.HFTokenizer``.
+
+  A subclass gives the special ids (``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``), the image
+  tokens (``img_start_id``, ``img_end_id``, ``img_context_id``), ``vocab_size``, ``encode``,
+  ``decode``, ``id_to_piece`` and ``unknown_words``; ``encode_padded`` is shared.
+  """
+
+  pad_id: int
+  bos_id: int
+  eos_id: int
+  vocab_size: int
+
+  @abc.abstractmethod
+  def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+    """Token ids of ``text``, optionally framed by bos / eos."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """The text of ``ids``."""
+
+  def encode_padded(
+    self, texts: Sequence[str], max_len: int, *, bos: bool = True, eos: bool = False
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes and right-pads ``texts`` to ``max_len``.
+
+    Returns (ids int32 [B, max_len] padded with ``pad_id``, valid bool [B, max_len]).
+
+    Raises:
+      ValueError: a prompt is longer than ``max_len`` tokens (the message names the prompt and
+        both lengths).
+    """
+    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
+    valid = np.zeros((len(texts), max_len), bool)
+    for i, text in enumerate(texts):
+      toks = self.encode(text, bos=bos, eos=eos)
+      if len(toks) > max_len:
+        raise ValueError(f"prompt {text!r} has {len(toks)} tokens, more than max_len={max_len}")
+      ids[i, : len(toks)] = toks
+      valid[i, : len(toks)] = True
+    return ids, valid
+
+
+class Tokenizer(TextTokenizer):
+  """SentencePiece wrapper with fixed special ids."""
 
   def __init__(self, model_proto: bytes):
     self._proto = bytes(model_proto)
@@ -137,27 +182,6 @@ class Tokenizer:
     """Token ids of ``text``, optionally framed by bos / eos."""
     ids = [int(i) for i in self._sp.encode(text)]
     return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])
-
-  def encode_padded(
-    self, texts: Sequence[str], max_len: int, *, bos: bool = True, eos: bool = False
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes and right-pads ``texts`` to ``max_len``.
-
-    Returns (ids int32 [B, max_len] padded with ``pad_id``, valid bool [B, max_len]).
-
-    Raises:
-      ValueError: a prompt is longer than ``max_len`` tokens (the message names the prompt and
-        both lengths).
-    """
-    ids = np.full((len(texts), max_len), PAD_ID, np.int32)
-    valid = np.zeros((len(texts), max_len), bool)
-    for i, text in enumerate(texts):
-      toks = self.encode(text, bos=bos, eos=eos)
-      if len(toks) > max_len:
-        raise ValueError(f"prompt {text!r} has {len(toks)} tokens, more than max_len={max_len}")
-      ids[i, : len(toks)] = toks
-      valid[i, : len(toks)] = True
-    return ids, valid
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """Text of ``ids``; pad, bos and eos are dropped."""

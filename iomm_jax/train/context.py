@@ -30,7 +30,7 @@ from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
 from iomm_jax.data import pipeline, shapes, sources
-from iomm_jax.data.tokenizer import Tokenizer
+from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models import mmdit as mmdit_lib
@@ -50,7 +50,7 @@ class GenerationContext:
   """Static model + tokenizer + frozen parameters of a generator run."""
 
   model: iomm.IOMM
-  tokenizer: Tokenizer | HFTokenizer
+  tokenizer: TextTokenizer
   conditioner: pipeline.Conditioner
   frozen: dict[str, Any]
 
