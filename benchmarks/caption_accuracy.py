@@ -41,7 +41,6 @@ import sys
 import time
 
 import numpy as np
-from absl import flags
 
 from iomm_jax import chat, runtime
 from iomm_jax.configs.loading import load_config
@@ -129,8 +128,7 @@ def main():
   p.add_argument("--seed", type=int, default=0, help="evaluation scenes' seed")
   p.add_argument("--max-new-tokens", type=int, default=40)
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  runtime.enable_compilation_cache()
+  runtime.outside_absl()
   t0 = time.time()
   config, trained = ensure_trained(a.config, a.workdir)
   t_train = time.time() - t0

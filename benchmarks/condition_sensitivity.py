@@ -14,7 +14,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from iomm_jax import inference, runtime
 from iomm_jax.models import iomm
@@ -27,8 +26,7 @@ def main():
     "--prompts", nargs=2, default=["a photo of a red circle", "a photo of a blue square"]
   )
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  runtime.enable_compilation_cache()
+  runtime.outside_absl()
   config, ctx, params = inference.load_generator(a.workdir)
   cond = lambda ids, valid: iomm.condition(
     ctx.model, params, ctx.frozen["mllm"], jnp.asarray(ids), jnp.asarray(valid), None

@@ -26,7 +26,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 from iomm_jax import checkpointing, inference, runtime
 from iomm_jax.data import pipeline, shapes, sources
@@ -101,8 +100,7 @@ def main():
     help="also sample the reconstruction control (shapes_editing.reconstruct) of as many scenes",
   )
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  runtime.enable_compilation_cache()
+  runtime.outside_absl()
   rows = []
   for spec in a.workdir:
     wd, _, step = spec.partition("@")

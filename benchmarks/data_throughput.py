@@ -23,9 +23,9 @@ import tempfile
 import time
 
 import numpy as np
-from absl import flags
 from PIL import Image
 
+from iomm_jax import runtime
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import inputs, pipeline, prepare
 from iomm_jax.data import shapes as S
@@ -98,8 +98,7 @@ def main():
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--batches", type=int, default=20)
   a = p.parse_args()
-  if not flags.FLAGS.is_parsed():  # grain workers read absl flags (docs: ecosystem notes)
-    flags.FLAGS.mark_as_parsed()
+  runtime.outside_absl(cache=False)  # grain workers read absl flags (docs: ecosystem notes)
   load0 = os.getloadavg()[0]
   tmp = tempfile.mkdtemp(prefix="iomm_data_bench_")
   try:

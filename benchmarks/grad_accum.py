@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags, logging
 
 from iomm_jax import runtime
 from iomm_jax.configs.loading import load_config
@@ -61,9 +60,7 @@ def main():
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--updates", type=int, default=5)
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   c = load_config(os.path.join(ROOT, SPECS[a.size]), {"model.mllm_init": "random"})
   c.train.batch_size = a.batch
   ctx = context.build(c)

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags, logging
 
 from iomm_jax import runtime
 from iomm_jax.configs.loading import load_config
@@ -221,9 +220,7 @@ def main():
   p.add_argument("--train", type=int, default=3000, help="training scenes")
   p.add_argument("--test", type=int, default=1000, help="test scenes")
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}")
   results = run(a.mllm, a.random, a.train, a.test)
   print(f"{'random-init MLLM' if a.random else a.mllm}: probe test accuracy")

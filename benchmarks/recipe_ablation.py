@@ -20,8 +20,6 @@ import json
 import os
 import time
 
-from absl import flags, logging
-
 from iomm_jax import checkpointing, inference, runtime
 from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_geneval
@@ -44,9 +42,7 @@ def main():
   p.add_argument("--s1", nargs="*", default=[], help="stage-1 overrides")
   p.add_argument("--s2", nargs="*", default=[], help="stage-2 overrides")
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   both = {"model.mllm_from": a.mllm, "sample.num_grid": 0, **loading.parse_overrides(a.set)}
   root = os.path.join(a.root, a.name)
   times = {}

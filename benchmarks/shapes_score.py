@@ -20,7 +20,6 @@ import argparse
 import json
 
 import numpy as np
-from absl import flags, logging
 
 from iomm_jax import inference, runtime
 from iomm_jax.data import pipeline, shapes
@@ -63,9 +62,7 @@ def main():
   p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   config, ctx, params = inference.load_generator(a.workdir, use_ema=not a.raw)
   config.unlock()
   if a.cfg is not None:

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags, logging
 
 from iomm_jax import runtime
 from iomm_jax.configs.loading import load_config, parse_overrides
@@ -171,9 +170,7 @@ def main():
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--set", nargs="*", default=[], help="key=value config overrides")
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   overrides = parse_overrides(a.set)
   print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}, {jax.devices()[0]}")
   results = {}

@@ -18,7 +18,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from iomm_jax import runtime
 from iomm_jax.configs.loading import load_config
@@ -68,8 +67,7 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--canvas", type=int, default=0, help="canvas side in px (0: the config's)")
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  runtime.enable_compilation_cache()
+  runtime.outside_absl()
   print(f"{platform.node()} {os.cpu_count()} CPUs, jax {jax.__version__}, {jax.devices()[0]}")
   print("| codec factor | image tokens | batch | ms / step | samples / s |")
   print("|---|---|---|---|---|")

@@ -39,7 +39,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
 
 from iomm_jax import perf, runtime
 from iomm_jax.configs.loading import load_config, parse_overrides
@@ -210,9 +209,7 @@ def main():
   p.add_argument("--matmul", type=int, default=0, help="peak matmul side (0: 8192 GPU, 1024 CPU)")
   p.add_argument("--set", nargs="*", default=[], help="key=value config overrides")
   a = p.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  logging.set_verbosity(logging.WARNING)
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   dev = jax.devices()[0]
   overrides = parse_overrides(a.set)
   peak = matmul_peak(a.matmul or (8192 if dev.platform == "gpu" else 1024))

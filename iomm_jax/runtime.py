@@ -26,6 +26,20 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
   return path
 
 
+def outside_absl(quiet: bool = False, cache: bool = True) -> str | None:
+  """Sets up a program that uses iomm_jax without ``absl.app.run`` (a benchmark, a study or
+  launch script, the tests): absl flags marked parsed (grain reads them; the ecosystem notes'
+  trap), absl logging at WARNING when ``quiet``, and, unless ``cache`` is False, the persistent
+  compilation cache (``enable_compilation_cache``; returns its path)."""
+  from absl import flags, logging
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  if quiet:
+    logging.set_verbosity(logging.WARNING)
+  return enable_compilation_cache() if cache else None
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 COORDINATOR_ENV = "IOMM_COORDINATOR"  # host:port of process 0's coordination service

@@ -623,14 +623,9 @@ def main(
     "with --write-docs: docs/study/ledger, whose every current entry the table shows)",
   )
   a = p.parse_args(argv)
-  from absl import flags, logging
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  logging.set_verbosity(logging.WARNING)
   from iomm_jax import runtime
 
-  runtime.enable_compilation_cache()
+  runtime.outside_absl(quiet=True)
   chosen = [x for x in arms if not a.arms or x.name in a.arms]
   if a.arms and len(chosen) != len(a.arms):
     raise SystemExit(f"unknown arm in {a.arms}; arms: {[x.name for x in arms]}")

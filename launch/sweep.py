@@ -263,14 +263,11 @@ def _run_in_process(spec, point: Point, config_flags, log: str) -> int:
   """Trains ``point`` in this process (what iomm-train would run); returns 0, 1 on an error
   (its traceback goes to the console and ``log``) or ``PREEMPTED_EXIT_CODE`` after a SIGTERM
   (the run saved a checkpoint)."""
-  from absl import flags
 
   from iomm_jax import runtime
   from iomm_jax.train import finetune, loop, mllm, pretrain
 
-  if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app.run mark them parsed
-    flags.FLAGS.mark_as_parsed()
-  runtime.enable_compilation_cache()
+  runtime.outside_absl()
   loops = {"mllm": mllm, "pretrain": pretrain, "finetune": finetune}
   config = common.check_config(spec, point.overrides, config_flags)
   os.makedirs(os.path.dirname(log), exist_ok=True)

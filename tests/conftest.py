@@ -4,18 +4,13 @@ import os
 import sys
 
 import pytest
-from absl import flags
+
+from iomm_jax import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
-# grain reads absl flags; outside absl.app.run they must be marked parsed (ecosystem notes).
-if not flags.FLAGS.is_parsed():
-  flags.FLAGS.mark_as_parsed()
-
-from iomm_jax import runtime  # noqa: E402
-
-runtime.enable_compilation_cache()
+runtime.outside_absl()  # grain reads absl flags; the persistent compilation cache
 sys.path.insert(0, ROOT)
 
 

@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     config.model.attention = "xla"
 
   _ensure_devices(math.prod(mesh), argv, not a.full_compile)
-  from absl import flags, logging
 
-  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  logging.set_verbosity(logging.WARNING)
+  from iomm_jax import runtime
+
+  runtime.outside_absl(quiet=True, cache=False)
   from iomm_jax.train import plan
 
   try:

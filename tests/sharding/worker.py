@@ -50,10 +50,9 @@ def main(argv=None) -> None:
 
   jax.config.update("jax_num_cpu_devices", a.devices)
   jax.config.update("jax_platforms", "cpu")
-  from absl import flags
-
-  flags.FLAGS.mark_as_parsed()
   from iomm_jax import runtime
+
+  runtime.outside_absl(cache=False)
 
   runtime.initialize_distributed(
     a.coordinator or None,
