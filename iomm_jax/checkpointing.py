@@ -203,6 +203,41 @@ class Checkpointer:
     docstring for what happens to those that do not). ``check_meta(meta)`` runs before a step's
     state is read; what it raises (e.g. a config mismatch) propagates at once.
     """
+
+    def read(s: int, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      return self.manager.restore(s, args=ocp.args.Composite(**items))["state"], meta
+
+    return self._newest_restorable(step, read, check_meta)
+
+  def restore_partial(self, abstract_tree: dict[str, Any], step: int | None = None) -> Any:
+    """Only the ``state`` entries named by ``abstract_tree`` (e.g. ``{"ema": ...}``: no
+    optimiser state is read), onto its shapes and shardings (``jax.ShapeDtypeStruct`` leaves,
+    ``sharding.abstract_target``), from ``step`` or, with None, the newest step that restores
+    (as ``restore``)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_tree)
+    args = ocp.args.PyTreeRestore(
+      item=abstract_tree, restore_args=restore_args, partial_restore=True
+    )
+
+    def read(s: int, meta: dict[str, Any]) -> Any:
+      path = os.path.join(self.directory, str(s), "state")
+      with ocp.PyTreeCheckpointer() as handler:
+        return handler.restore(path, args=args)
+
+    return self._newest_restorable(step, read)
+
+  def _newest_restorable(
+    self,
+    step: int | None,
+    read: Callable[[int, dict[str, Any]], Any],
+    check_meta: Callable[[dict[str, Any]], None] | None = None,
+  ) -> Any:
+    """``read(step, meta)``, or with ``step`` None that of the newest step that restores,
+    newest first: a step whose metadata or state fails to read is reported (and, by the writer,
+    set aside once an older one restored); what ``check_meta(meta)`` raises propagates at once."""
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -215,17 +250,14 @@ class Checkpointer:
         continue
       if check_meta is not None:
         check_meta(meta)
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(**items))
+        out = read(s, meta)
       except Exception as e:
         failures.append((s, _warn_unrestorable(self.directory, s, e, s != steps[-1])))
         continue
       if failures and self.writer:
         self._set_aside([f for f, _ in failures], s)
-      return out["state"], meta
+      return out
     if step is not None:
       raise failures[0][1]
     raise RuntimeError(
@@ -233,19 +265,6 @@ class Checkpointer:
       f"above). Nothing was moved or deleted. If the config changed since they were saved, that "
       f"is the likely cause; otherwise they are damaged."
     ) from failures[0][1]
-
-  def restore_partial(self, abstract_tree: Any, step: int | None = None) -> Any:
-    """Restores only the ``state`` entries present in ``abstract_tree`` (e.g. params, ema)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    args = ocp.args.PyTreeRestore(
-      item=abstract_tree,
-      restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(), abstract_tree),
-      partial_restore=True,
-    )
-    handler = ocp.PyTreeCheckpointer()
-    return handler.restore(os.path.join(self.directory, str(step), "state"), args=args)
 
   def wait(self) -> None:
     self._settle()

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from iomm_jax import checkpointing, optim, runtime, sharding
+from iomm_jax import checkpointing, runtime, sharding
 from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.convert.hf_tokenizer import HFTokenizer
@@ -34,7 +34,7 @@ from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models import mmdit as mmdit_lib
-from iomm_jax.train import loop, steps
+from iomm_jax.train import loop
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_VOCAB = (
@@ -107,13 +107,12 @@ def restore_params(
   like the (boxed) template. A run that kept no EMA (``train.ema_decay = 0``) gives its
   parameters for ``which="ema"``.
 
-  The run's optimiser is rebuilt from its ``config.json`` so the saved state can be matched.
-  Arrays land directly in their shards on the mesh of ``sharding.placing_on`` (placed by the
-  template's logical axes), else on this process's first device, whatever mesh saved them.
+  Only that entry of the saved state is read (``Checkpointer.restore_partial``: no optimiser
+  state). Arrays land directly in their shards on the mesh of ``sharding.placing_on`` (placed by
+  the template's logical axes), else on this process's first device, whatever mesh saved them.
   """
   checkpointing.find_checkpoint_dir(workdir, "restore")
   cfg = loop.load_workdir_config(workdir)
-  optimizer, _ = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
   mesh, rules = sharding.placement() or (sharding.single_device_mesh(), ())
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
@@ -123,14 +122,13 @@ def restore_params(
     ema = ckpt.saved_ema(step)  # (ema_decay = 0 runs of older versions saved a copy too)
     if which == "ema" and not (ema and loop.keeps_ema(cfg)):  # no EMA: its parameters
       which = "params"
-    boxed_state = jax.eval_shape(lambda p: steps.create_state(p, optimizer, ema), boxed_params)
     target = sharding.abstract_target(
-      boxed_state, sharding.logical_shardings(boxed_state, mesh, rules)
+      boxed_params, sharding.logical_shardings(boxed_params, mesh, rules)
     )
-    state, _ = ckpt.restore(target, step=step)
+    state = ckpt.restore_partial({which: target}, step=step)
   finally:
     ckpt.close()
-  return getattr(state, which)
+  return state[which]
 
 
 def _strip_lora(tree: Any) -> Any:
