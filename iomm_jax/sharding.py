@@ -143,14 +143,6 @@ def abstract_target(abstract: Any, shardings: Any) -> Any:
   )
 
 
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-  """(unboxed parameters, their shardings): ``init_fn`` (returning a boxed tree) jitted with
-  ``out_shardings``, so each device computes only its own shards."""
-  shardings = logical_shardings(jax.eval_shape(init_fn), mesh, rules)
-  params = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
-  return params, shardings
-
-
 def place(tree: Any, shardings: Any) -> Any:
   """Puts a tree of host-complete arrays (every process holds the whole value, e.g. just loaded
   from a file) into ``shardings``; an array already placed so is left as it is."""
