@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iomm_jax.convert import internvl
-from iomm_jax.convert.hf_tokenizer import HFTokenizer
+from iomm_jax.data.hf_tokenizer import HFTokenizer
 from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib

@@ -51,8 +51,8 @@ import numpy as np
 
 from iomm_jax import files
 from iomm_jax.convert import tensors
-from iomm_jax.convert.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from iomm_jax.convert.tensors import ConversionError
+from iomm_jax.data.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models.mllm import MLLMConfig, TextConfig, VisionConfig
 

@@ -30,7 +30,7 @@ USER_SYMBOLS = (IMG_START, IMG_END, IMG_CONTEXT)
 
 class TextTokenizer(abc.ABC):
   """The interface every tokenizer of the project has (the data pipeline, the sampler and
-  ``iomm_jax.chat`` use only this): ``Tokenizer`` here and ``convert.hf_tokenizer.HFTokenizer``.
+  ``iomm_jax.chat`` use only this): ``Tokenizer`` here and ``data.hf_tokenizer.HFTokenizer``.
 
   A subclass gives the special ids (``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``), the image
   tokens (``img_start_id``, ``img_end_id``, ``img_context_id``), ``vocab_size``, ``encode``,

@@ -28,8 +28,8 @@ import ml_collections
 from iomm_jax import checkpointing, runtime, sharding
 from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
-from iomm_jax.convert.hf_tokenizer import HFTokenizer
 from iomm_jax.data import pipeline, shapes, sources
+from iomm_jax.data.hf_tokenizer import HFTokenizer
 from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib

@@ -11,9 +11,9 @@ import os
 import transformers
 
 from iomm_jax.convert import internvl
-from iomm_jax.convert.hf_tokenizer import HFTokenizer
-from tests.convert.test_hf_tokenizer import make_tokenizer
+from iomm_jax.data.hf_tokenizer import HFTokenizer
 from tests.convert.test_internvl import Case, hf_config, randomize
+from tests.data.test_hf_tokenizer import make_tokenizer
 
 VOCAB = 320  # the tiny tokenizer's ~306 ids, rounded up (as test_internvl's context test)
 # GQA 4 q heads / 2 kv heads (head dim 12), 2 text layers, untied head; 56 px / patch 14 -> a 4 x 4

@@ -25,8 +25,8 @@ from tokenizers import (
   trainers,
 )
 
-from iomm_jax.convert.hf_tokenizer import HFTokenizer
 from iomm_jax.data import pipeline
+from iomm_jax.data.hf_tokenizer import HFTokenizer
 
 QWEN2_PRETOKENIZE = (
   r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
