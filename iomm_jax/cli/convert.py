@@ -13,11 +13,11 @@
   (``iomm_jax.convert.vae``).
 * ``export-torch``: a trained stage-1/2 workdir -> ``DIR/transformer`` (a diffusers
   ``FluxTransformer2DModel``), ``DIR/adapter.safetensors`` + ``DIR/connector.safetensors`` +
-  ``DIR/iomm.json`` (loaded by ``iomm_jax.torch_port``), ``DIR/mllm`` (the frozen MLLM as a
-  transformers InternVL directory) and, for the VAE codec, ``DIR/vae``. In PyTorch:
-  ``iomm_jax.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``. It exports the EMA
-  weights, as ``iomm-sample`` and ``iomm-eval`` sample them by default (``--no-ema``: the raw
-  parameters, as ``iomm-sample --no-ema``; a run without an EMA copy, ``train.ema_decay=0``,
+  ``DIR/iomm.json`` (loaded by ``iomm_jax.convert.torch_port``), ``DIR/mllm`` (the frozen MLLM
+  as a transformers InternVL directory) and, for the VAE codec, ``DIR/vae``. In PyTorch:
+  ``iomm_jax.convert.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``. It exports
+  the EMA weights, as ``iomm-sample`` and ``iomm-eval`` sample them by default (``--no-ema``: the
+  raw parameters, as ``iomm-sample --no-ema``; a run without an EMA copy, ``train.ema_decay=0``,
   gives its parameters either way); ``DIR/source.json`` records which. A LoRA run
   (``config.model.lora``) exports a plain transformer: each adapter folded into its kernel
   (W + alpha / r * A @ B) over the base weights of its ``config.train.init_from``.
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
       print(
         f"exported {a.workdir} ({'EMA' if a.ema else 'params'}) to {a.out}: "
         "transformer/ (diffusers FluxTransformer2DModel), adapter/connector safetensors, "
-        "iomm.json, mllm/; load with iomm_jax.torch_port.IOMMPipeline.from_pretrained"
+        "iomm.json, mllm/; load with iomm_jax.convert.torch_port.IOMMPipeline.from_pretrained"
       )
   except (tensors.ConversionError, FileNotFoundError, ValueError) as e:
     print(f"iomm-convert {a.command}: error: {e}", file=sys.stderr)

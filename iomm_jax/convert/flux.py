@@ -1,5 +1,5 @@
 """The trained generator in PyTorch layouts: the MM-DiT as a diffusers ``FluxTransformer2DModel``
-checkpoint, and the adapter and connector as safetensors of ``iomm_jax.torch_port`` modules.
+checkpoint, and the adapter and connector as safetensors of ``iomm_jax.convert.torch_port`` modules.
 
 numpy, jax and flax only (no torch): the files written here load in PyTorch with
 ``FluxTransformer2DModel.from_pretrained`` and ``torch_port.load_adapter`` / ``load_connector``.

@@ -24,8 +24,8 @@ from iomm_jax import generate, inference
 from iomm_jax.cli import convert as convert_cli
 from iomm_jax.configs import loading
 from iomm_jax.convert import flux, internvl, tensors, vae
+from iomm_jax.convert.torch_port import IOMMPipeline
 from iomm_jax.data.hf_tokenizer import HFTokenizer
-from iomm_jax.torch_port import IOMMPipeline
 from iomm_jax.train import pretrain
 from tests.convert.test_internvl import randomize
 from tests.data.test_hf_tokenizer import make_tokenizer

@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from iomm_jax import generate, torch_port
+from iomm_jax import generate
 from iomm_jax.configs.base import get_base_config
-from iomm_jax.convert import flux, tensors
+from iomm_jax.convert import flux, tensors, torch_port
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.diffusion import sampling
 from iomm_jax.models import codec as codec_lib
