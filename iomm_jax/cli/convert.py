@@ -15,11 +15,11 @@
   ``FluxTransformer2DModel``), ``DIR/adapter.safetensors`` + ``DIR/connector.safetensors`` +
   ``DIR/iomm.json`` (loaded by ``iomm_jax.convert.torch_port``), ``DIR/mllm`` (the frozen MLLM
   as a transformers InternVL directory) and, for the VAE codec, ``DIR/vae``. In PyTorch:
-  ``iomm_jax.convert.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``. It exports
-  the EMA weights, as ``iomm-sample`` and ``iomm-eval`` sample them by default (``--no-ema``: the
-  raw parameters, as ``iomm-sample --no-ema``; a run without an EMA copy, ``train.ema_decay=0``,
-  gives its parameters either way); ``DIR/source.json`` records which. A LoRA run
-  (``config.model.lora``) exports a plain transformer: each adapter folded into its kernel
+  ``iomm_jax.convert.torch_port.IOMMPipeline.from_pretrained(DIR).generate(...)``.
+  It exports the EMA weights, as ``iomm-sample`` and ``iomm-eval`` sample them by default
+  (``--no-ema``: the raw parameters, as ``iomm-sample --no-ema``; a run without an EMA copy,
+  ``train.ema_decay=0``, gives its parameters either way); ``DIR/source.json`` records which. A
+  LoRA run (``config.model.lora``) exports a plain transformer: each adapter folded into its kernel
   (W + alpha / r * A @ B) over the base weights of its ``config.train.init_from``.
 
 Only safetensors are read; errors name the file, parameter and shapes at fault.
