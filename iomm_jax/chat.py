@@ -244,19 +244,6 @@ def pad_batch(
   return ids, valid
 
 
-def vit_input(images: np.ndarray | jax.Array, image_size: int) -> jax.Array:
-  """uint8 (or [-1, 1] float) images [N, H, W, 3] -> the vision tower's normalised input, as
-  ``iomm.vit_pixels`` (the stage-0 training preprocessing): scaled to [0, 1], resized bilinearly
-  with antialiasing to ``image_size`` if needed, ImageNet mean / std."""
-  x = jnp.asarray(images)
-  scaled = x.astype(jnp.float32)
-  scaled = scaled / 255.0 if x.dtype == jnp.uint8 else (scaled + 1.0) / 2.0
-  if scaled.shape[1:3] != (image_size, image_size):
-    shape = (scaled.shape[0], image_size, image_size, 3)
-    scaled = jax.image.resize(scaled, shape, "bilinear", antialias=True)
-  return (scaled - iomm.VIT_MEAN) / iomm.VIT_STD
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -345,7 +332,7 @@ def generate(
     params: its parameters.
     ids: [B, L] prompt ids (left or right padded); each row holds P ``image_token_id`` s.
     valid: [B, L] bool, True at real tokens.
-    pixel_values: [B, S, S, 3] the vision tower's input (``vit_input``), image b for row b.
+    pixel_values: [B, S, S, 3] the vision tower's input (``iomm.vit_input``), image b for row b.
     keys: [B] PRNG keys (``row_keys``) for sampling; unused when greedy.
     max_new_tokens: N >= 1, the most tokens generated per row.
     stop_ids: ids that end a row (emitted, then ``pad_id``).
@@ -522,7 +509,7 @@ def answer(
       cm.params,
       ids,
       valid,
-      vit_input(imgs, cm.image_size),
+      iomm.vit_input(imgs, cm.image_size),
       row_keys(seed, rws),
       max_new_tokens=max_new_tokens,
       stop_ids=cm.stop_ids,

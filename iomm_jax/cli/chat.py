@@ -30,8 +30,9 @@ from absl import app, flags, logging
 from PIL import Image, UnidentifiedImageError
 
 from iomm_jax.cli import run
+from iomm_jax.data.inputs import IMAGE_EXTS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)  # the suffixes iomm-prepare reads
 
 _MLLM = flags.DEFINE_string("mllm", None, "a stage-0 workdir or an imported InternVL directory")
 _IMAGE = flags.DEFINE_string("image", None, "one image file")

@@ -308,14 +308,21 @@ def init_mllm(model: IOMM, seed: int) -> Any:
 # ----------------------------------------------------------------------------- the forward pass
 
 
-def vit_pixels(model: IOMM, images: jax.Array) -> jax.Array:
-  """uint8 or [-1, 1] images [B, H, W, 3] -> normalised ViT input at the MLLM's resolution."""
+def vit_input(images: jax.Array, image_size: int) -> jax.Array:
+  """uint8 or [-1, 1] images [B, H, W, 3] -> normalised ViT input at ``image_size``: scaled to
+  [0, 1], resized bilinearly with antialiasing if needed, ImageNet mean / std."""
+  images = jnp.asarray(images)
   x = images.astype(jnp.float32)
   x = x / 255.0 if images.dtype == jnp.uint8 else (x + 1.0) / 2.0
-  s = model.mllm_config.vision.image_size
-  if x.shape[1:3] != (s, s):
-    x = jax.image.resize(x, (x.shape[0], s, s, 3), "bilinear", antialias=True)
+  if x.shape[1:3] != (image_size, image_size):
+    shape = (x.shape[0], image_size, image_size, 3)
+    x = jax.image.resize(x, shape, "bilinear", antialias=True)
   return (x - VIT_MEAN) / VIT_STD
+
+
+def vit_pixels(model: IOMM, images: jax.Array) -> jax.Array:
+  """``vit_input`` at the MLLM's resolution."""
+  return vit_input(images, model.mllm_config.vision.image_size)
 
 
 def vision_tokens(model: IOMM, mllm_params: Any, images: jax.Array) -> jax.Array:
