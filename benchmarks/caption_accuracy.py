@@ -43,9 +43,9 @@ import time
 import numpy as np
 
 from iomm_jax import chat, runtime
+from iomm_jax.assembly import workdirs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline, shapes
-from iomm_jax.train import loop
 from iomm_jax.train import mllm as mllm_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,9 +107,9 @@ def ensure_trained(spec: str, workdir: str) -> tuple[object, bool]:
   config = load_config(spec)
   ckpt = os.path.join(workdir, "checkpoints", str(config.train.num_steps))
   if os.path.isdir(ckpt):
-    return loop.load_workdir_config(workdir), False
+    return workdirs.load_workdir_config(workdir), False
   mllm_train.train_and_evaluate(config, workdir)
-  return loop.load_workdir_config(workdir), True
+  return workdirs.load_workdir_config(workdir), True
 
 
 def mean_se(x) -> tuple[float, float]:

@@ -69,11 +69,11 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="runs/edit_score")
   a = p.parse_args()
+  from iomm_jax.assembly import workdirs
   from iomm_jax.data import pipeline
   from iomm_jax.eval import shapes_editing
-  from iomm_jax.train import loop
 
-  config = loop.load_workdir_config(a.workdir[0])
+  config = workdirs.load_workdir_config(a.workdir[0])
   world = pipeline.world_from_config(config)
   tasks = shapes_editing.make_tasks(world, a.per_kind, a.seed)
   edits = write_tasks(tasks, world, a.out)

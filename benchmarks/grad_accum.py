@@ -30,10 +30,11 @@ import numpy as np
 import optax
 
 from iomm_jax import runtime
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import iomm
 from iomm_jax.optim import make_optimizer
-from iomm_jax.train import context, steps
+from iomm_jax.train import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = {"tiny": "experiments/shapes/pretrain.py", "B": "experiments/iomm_b/pretrain.py"}

@@ -37,12 +37,12 @@ import numpy as np
 import optax
 
 from iomm_jax import runtime
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.diffusion import masking
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
-from iomm_jax.train import context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS_PER_CATEGORY = 224

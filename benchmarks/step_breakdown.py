@@ -37,12 +37,13 @@ import numpy as np
 import optax
 
 from iomm_jax import runtime
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.data import pipeline
 from iomm_jax.diffusion import flow, masking
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
-from iomm_jax.train import context, loop, steps
+from iomm_jax.train import loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from iomm_jax import runtime
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
-from iomm_jax.train import context, loop, steps
+from iomm_jax.train import loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

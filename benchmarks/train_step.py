@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from iomm_jax import perf, runtime
+from iomm_jax.assembly import context, workdirs
 from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.models import iomm
-from iomm_jax.train import cache, context, loop, steps
+from iomm_jax.train import cache, loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = {
@@ -117,7 +118,7 @@ def _step_and_inputs(ctx, config, batch: int, features: str):
   cond_len = ctx.conditioner.cond_len
   params = jax.jit(lambda: nn.meta.unbox(iomm.init_trainable(ctx.model, 0, cond_len)))()
   optimizer, step = loop.make_jitted_step(loss_fn, config, 1000)
-  state = steps.create_state(params, optimizer, loop.keeps_ema(config))
+  state = steps.create_state(params, optimizer, workdirs.keeps_ema(config))
   rng = np.random.default_rng(0)
   host = synthetic_batch(ctx, config, batch, rng)
   data = {k: jnp.asarray(v) for k, v in host.items()}

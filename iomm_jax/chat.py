@@ -167,9 +167,9 @@ def _load_imported(path: str) -> ChatModel:
 def _load_stage0(path: str) -> ChatModel:
   """A stage-0 (``config.stage = "mllm"``) workdir: its ``tokenizer.model``, the MLLM of its
   config and the latest checkpoint's parameters."""
-  from iomm_jax.train import context, loop
+  from iomm_jax.assembly import context, workdirs
 
-  config = loop.load_workdir_config(path)
+  config = workdirs.load_workdir_config(path)
   if config.stage != "mllm":
     raise ValueError(
       f"--mllm {path!r} is a {config.stage!r} workdir; give a stage-0 (mllm) workdir or an "

@@ -18,7 +18,7 @@ scorer, ``eval.shapes_editing``, which calls this module):
   so guidance pushes towards source and instruction together; no separate image guidance;
 * the instruction replaces the auxiliary prompt verbatim (no template around it);
 * noise: one key per output, ``fold_in(fold_in(key(seed), index), 0)`` of the edit's position
-  in the input list (``eval.benchmark_format.sample_keys``), so a resumed run writes the images
+  in the input list (``data.benchmark_format.sample_keys``), so a resumed run writes the images
   an uninterrupted one would;
 * output size: ``model.image_size`` (the benchmark scorers resize as they need).
 """
@@ -31,8 +31,7 @@ import os
 import numpy as np
 
 from iomm_jax import inference
-from iomm_jax.data import decode, pipeline
-from iomm_jax.eval import benchmark_format
+from iomm_jax.data import benchmark_format, decode, pipeline
 
 
 def edit_conditions(

@@ -15,8 +15,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iomm_jax import generate, sharding
+from iomm_jax.assembly import context, workdirs
 from iomm_jax.models import iomm
-from iomm_jax.train import context, loop
 
 
 def load_generator(
@@ -32,7 +32,7 @@ def load_generator(
   prompt token limit the run was trained with (long benchmark prompts; no parameter depends on
   it). With ``mesh``, every parameter (trainable and frozen) is replicated on all of its devices
   (checkpoints are restored straight into place); else it is on this process's first device."""
-  config = loop.load_workdir_config(workdir)
+  config = workdirs.load_workdir_config(workdir)
   if max_text_len is not None:
     if max_text_len < 1:
       raise ValueError(f"max_text_len must be >= 1, got {max_text_len}")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from iomm_jax import edit, inference
 from iomm_jax.configs.loading import load_config
-from iomm_jax.eval import benchmark_format
+from iomm_jax.data import benchmark_format
 from iomm_jax.train import pretrain
 from tests.conftest import ROOT
 

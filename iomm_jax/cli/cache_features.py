@@ -73,9 +73,9 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, extra: list[str])
   try:
     if a.config is not None:
       return loading.load_config(a.config, overrides)
-    from iomm_jax.train import loop
+    from iomm_jax.assembly import workdirs
 
-    config = loop.load_workdir_config(a.workdir)
+    config = workdirs.load_workdir_config(a.workdir)
     for key, value in overrides.items():
       loading.set_dotted(config, key, value)
     return config

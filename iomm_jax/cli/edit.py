@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from iomm_jax import edit, inference, runtime, sharding
 from iomm_jax.cli import define_distributed_flags, run, warn_unknown_words
-from iomm_jax.eval import benchmark_format
+from iomm_jax.data import benchmark_format
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")

@@ -36,8 +36,8 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, cli, inference, metrics, runtime, sharding
-from iomm_jax.data import pipeline, shapes
-from iomm_jax.eval import benchmark_format, heldout, shapes_geneval
+from iomm_jax.data import benchmark_format, pipeline, shapes
+from iomm_jax.eval import heldout, shapes_geneval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")

@@ -5,7 +5,7 @@ One prompt, a grid PNG:
       [--steps 20] [--cfg 3.0] [--seed 0] [--solver euler|heun] [--no-ema] [--step N]
 
 A benchmark's prompt file, in the folder layout its official evaluator reads
-(``iomm_jax.eval.benchmark_format``; resumable: existing images are skipped):
+(``iomm_jax.data.benchmark_format``; resumable: existing images are skipped):
   iomm-sample --workdir W --prompts-file evaluation_metadata.jsonl --format geneval \
       --outdir D [--num-per-prompt 4] [--batch 16] [--seed 0] [--max-text-len 512] [--limit N]
 
@@ -33,7 +33,7 @@ from PIL import Image
 
 from iomm_jax import inference, metrics, runtime, sharding
 from iomm_jax.cli import define_distributed_flags, run, warn_unknown_words
-from iomm_jax.eval import benchmark_format
+from iomm_jax.data import benchmark_format
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")

@@ -160,7 +160,7 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 # Keys that name a file or directory a run reads. A workdir's config.json stores them absolute
-# (train.loop.prepare_workdir) and loading one finds them again if it moved (locate_paths).
+# (assembly.workdirs.prepare_workdir) and loading one finds them again if it moved (locate_paths).
 PATH_KEYS = (
   "model.mllm_from",
   "model.vae_checkpoint",

@@ -15,9 +15,9 @@
 * ``export_vae(params, vae_config, out_dir)`` writes a diffusers ``AutoencoderKL`` directory that
   ``diffusers.AutoencoderKL.from_pretrained`` loads with no missing or unexpected keys; import
   of the export gives bit-identical params (the transposes are exact).
-* ``codec_params_from_config(config, template)`` / ``init_codec_params(config, codec, rng, size)``
-  make ``config.model.vae_checkpoint`` real: the converted weights of a run's VAE, checked
-  against ``config.model.vae``'s ``VAE_VARIANTS`` entry.
+* ``load_into(path, want, template, what, wanted)`` -> the converted weights at ``path``, checked
+  to be the VAE ``want`` and against ``template``'s shapes. A run's ``config.model.vae_checkpoint``
+  arrives here through ``assembly.context.codec_params``, which reads the config.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -262,11 +262,6 @@ def _read_diffusers_weights(
   return tensors.read(root, what, origins)
 
 
-def _write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
-  """Writes JSON atomically (``files.write_json``), ending in a newline."""
-  files.write_json(path, obj, newline=True)
-
-
 def _is_converted(config_path: str) -> bool:
   """Whether a config.json is the one ``import_vae`` writes."""
   try:
@@ -316,7 +311,7 @@ def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> code
     os.path.join(out_dir, PARAMS_FILE), tensors.flatten(params), metadata={"format": FORMAT}
   )
   meta = {"format": FORMAT, "source": os.path.abspath(root), "params_dtype": dtype}
-  _write_json_atomic(config_path, {**dataclasses.asdict(vae_config), **meta})
+  files.write_json(config_path, {**dataclasses.asdict(vae_config), **meta}, newline=True)
   return vae_config
 
 
@@ -377,7 +372,7 @@ def export_vae(
   _remove(config_path)
   state = {names[k]: _to_diffusers(k, v) for k, v in flat.items()}
   tensors.write(os.path.join(out_dir, DIFFUSERS_WEIGHTS), state, metadata={"format": "pt"})
-  _write_json_atomic(config_path, config)
+  files.write_json(config_path, config, newline=True)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -392,48 +387,19 @@ def _differing(a: codec.VAEConfig, b: codec.VAEConfig) -> list[str]:
   ]
 
 
-def codec_params_from_config(config: Any, template: Any) -> Any:
-  """The codec params of a run: ``template`` unchanged when ``config.model.vae_checkpoint`` is
-  empty, else the converted weights there, checked against the template's shapes and cast to
-  its dtypes (``template`` may be arrays or ``jax.ShapeDtypeStruct``s).
+def load_into(
+  path: str, want: codec.VAEConfig, template: Any, what: str, wanted: str = "the expected one"
+) -> Any:
+  """The VAE weights imported at ``path`` (by ``import_vae``), checked to be the VAE ``want``
+  describes and against ``template``'s shapes, cast to its dtypes (``template`` may be arrays or
+  ``jax.ShapeDtypeStruct``s). ``what`` names the source in errors, ``wanted`` the VAE it must be.
 
-  Raises ``ConversionError`` when a checkpoint is set for a non-VAE codec, or when its config
-  differs from ``config.model.vae``'s ``VAE_VARIANTS`` entry (both named, with the fields).
+  Raises ``ConversionError`` when the checkpoint holds another VAE (the differing fields named).
   """
-  m = config.model
-  path = m.get("vae_checkpoint", "") or ""
-  if not path:
-    return template
-  if m.codec != "vae":
-    raise ConversionError(
-      f"config.model.vae_checkpoint={path!r} is set but config.model.codec={m.codec!r} "
-      f"(use codec='vae' or clear vae_checkpoint)"
-    )
-  if m.vae not in codec.VAE_VARIANTS:
-    raise ConversionError(
-      f"config.model.vae={m.vae!r} unknown; choose from {sorted(codec.VAE_VARIANTS)}"
-    )
-  want = codec.VAE_VARIANTS[m.vae]
   got, params = load_vae(path)
   diff = _differing(got, want)
   if diff:
     detail = "; ".join(f"{k}: checkpoint {getattr(got, k)!r} vs {getattr(want, k)!r}" for k in diff)
-    raise ConversionError(
-      f"config.model.vae_checkpoint={path!r} holds a different VAE than config.model.vae="
-      f"{m.vae!r} ({detail})"
-    )
-  what = f"config.model.vae_checkpoint={path!r}"
+    raise ConversionError(f"{what} holds a different VAE than {wanted} ({detail})")
   loaded = _match(template, tensors.flatten(params), what, _key_map(template))
   return jax.tree.map(jnp.asarray, loaded)
-
-
-def init_codec_params(
-  config: Any, latent_codec: Any, rng: jax.Array, image_size: int | Sequence[int]
-) -> Any:
-  """A run's codec params: ``latent_codec.init_params(rng, image_size)``, or, when
-  ``config.model.vae_checkpoint`` is set, the converted weights (no random init is computed;
-  only its shapes are traced)."""
-  if not (config.model.get("vae_checkpoint", "") or ""):
-    return latent_codec.init_params(rng, image_size)
-  template = jax.eval_shape(lambda key: latent_codec.init_params(key, image_size), rng)
-  return codec_params_from_config(config, template)

@@ -32,8 +32,8 @@ import numpy as np
 
 from iomm_jax import edit as edit_lib
 from iomm_jax import inference
-from iomm_jax.data import pipeline, shapes
-from iomm_jax.eval import benchmark_format, shapes_detector
+from iomm_jax.data import benchmark_format, pipeline, shapes
+from iomm_jax.eval import shapes_detector
 
 KINDS = ("recolor", "add")
 RECONSTRUCT_RATIOS = (0.0, 0.85)  # mask ratios of the reconstruction control

@@ -34,13 +34,13 @@ import numpy as np
 from tqdm import tqdm
 
 from iomm_jax import sharding
+from iomm_jax.assembly import context
 from iomm_jax.configs import loading
 from iomm_jax.data import decode, features, prepare, records, sources
 from iomm_jax.data.inputs import InputError
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
-from iomm_jax.train import context
 
 VISION_PARAMS = ("vision_tower", "multi_modal_projector")  # the MLLM subtrees vision_tokens uses
 READ_CHUNK = 256  # prepared records read at once

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from iomm_jax import checkpointing
+from iomm_jax.assembly import workdirs
 from iomm_jax.convert import flux
 from iomm_jax.train import generator, loop
 
@@ -24,12 +25,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
   if config.stage != "finetune":
     raise ValueError(f"stage-2 loop given config.stage={config.stage!r}")
   src = config.train.init_from
-  loop.prepare_workdir(config, workdir)  # validates init_from before anything else
+  workdirs.prepare_workdir(config, workdir)  # validates init_from before anything else
   if src == "scratch":
     return generator.setup(config, workdir, sample_kind="text")
   if flux.transformer_dir(src) is None:  # a stage-1 workdir (a FLUX one is checked on reading)
     checkpointing.find_checkpoint_dir(src, "config.train.init_from")
-    saved = loop.load_workdir_config(src).model.to_dict()
+    saved = workdirs.load_workdir_config(src).model.to_dict()
     # stage 1 trains no adapters: a LoRA fine-tune starts from its plain generator
     checkpointing.check_model_signature(saved, config, src, ignore=("lora",))
   return generator.setup(config, workdir, from_init=True, sample_kind="text")

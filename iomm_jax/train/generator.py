@@ -19,9 +19,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, inference, metrics, sharding
+from iomm_jax.assembly import context, workdirs
 from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.models import iomm
-from iomm_jax.train import cache, context, loop, steps
+from iomm_jax.train import cache, loop, steps
 
 
 def _abstract_frozen_boxed(model: iomm.IOMM) -> dict[str, Any]:
@@ -102,8 +103,8 @@ def setup(
   a stage-1 workdir or a FLUX-format directory) instead of the init. With LoRA the base weights
   are frozen and come from there (or, without ``from_init``, from the seeded init) at every
   start, resumes included; the checkpoints' metadata record the source (``init_from``)."""
-  loop.prepare_workdir(config, workdir)
-  mesh, rules = loop.mesh_and_rules(config)
+  workdirs.prepare_workdir(config, workdir)
+  mesh, rules = workdirs.mesh_and_rules(config)
   if config.model.mllm_init != "checkpoint":  # trained once, by process 0 (build then loads it)
     context.ensure_tokenizer(config, workdir)
   with sharding.placing_on(mesh, rules):  # a stage-0 MLLM restores straight into its shards

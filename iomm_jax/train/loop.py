@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -21,48 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, optim, perf, sharding
-from iomm_jax.configs import loading
+from iomm_jax.assembly import workdirs
 from iomm_jax.train import steps
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Validates the config (before anything compiles) and records it in ``workdir``.
-
-  A workdir that already holds checkpoints of another model config is refused here, before its
-  ``config.json`` is touched. ``config.json`` stores the paths the run reads
-  (``loading.PATH_KEYS``: ``model.mllm_from``, ``train.init_from``, ...) absolute, so the workdir
-  loads from any directory; the model check compares no paths, so a resume may pass them
-  relative or absolute.
-  """
-  loading.validate(config, jax.device_count(), jax.process_count())
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved) and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    previous = load_workdir_config(workdir).model.to_dict()
-    checkpointing.check_model_signature(previous, config, workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    record = json.loads(config.to_json())
-    loading.absolute_paths(record)
-    checkpointing.save_json(os.path.join(workdir, "config.json"), record)
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (``<workdir>/config.json``), its paths found again
-  if they are not where it says (``loading.locate_paths``: relative ones of workdirs written
-  before they were stored absolute, or a moved tree)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir!r} is not an iomm_jax workdir: {path} is missing")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  loading.locate_paths(config, workdir)
-  return config
-
-
-def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[Mesh, sharding.Rules]:
-  """The device mesh of ``config.sharding.mesh`` (over every process's devices) and the logical
-  axis rules of ``config.sharding.logical_axis_rules``."""
-  return sharding.make_mesh(config), sharding.axis_rules(config)
 
 
 @dataclasses.dataclass
@@ -84,11 +42,6 @@ class Run:
   sample_fn: Callable[[steps.TrainState], np.ndarray] | None = None
   start_step: int = 0
   mesh: Mesh | None = None
-
-
-def keeps_ema(config: ml_collections.ConfigDict) -> bool:
-  """Whether a run keeps an EMA copy of its parameters (not with ``train.ema_decay = 0``)."""
-  return config.train.ema_decay > 0
 
 
 def abstract_state(
@@ -122,22 +75,26 @@ def restore_or_init(
   Returns:
     state, its shardings, the workdir's checkpointer and the step to start from.
   """
-  boxed_state, shardings = abstract_state(init_fn, optimizer, mesh, rules, keeps_ema(config))
+  boxed_state, shardings = abstract_state(
+    init_fn, optimizer, mesh, rules, workdirs.keeps_ema(config)
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, writer=True)
   if ckpt.latest_step() is not None:  # a checkpoint saved on any mesh restores onto this one
     check = lambda meta: checkpointing.check_model_signature(meta["model"], config, workdir)
     saved_ema = ckpt.saved_ema()  # the layout on disk, whatever this config keeps
     saved_state, saved_sh = (
       (boxed_state, shardings)
-      if saved_ema == keeps_ema(config)
+      if saved_ema == workdirs.keeps_ema(config)
       else abstract_state(init_fn, optimizer, mesh, rules, saved_ema)
     )
     target = sharding.abstract_target(saved_state, saved_sh)
     state, _ = ckpt.restore(target, data_iter, check_meta=check)  # the newest that restores
-    state = _match_ema(state, keeps_ema(config), shardings)
+    state = _match_ema(state, workdirs.keeps_ema(config), shardings)
     print(f"resuming {workdir} at step {int(state.step)}", flush=True)
     return state, shardings, ckpt, int(state.step)
-  create = functools.partial(steps.create_state, optimizer=optimizer, ema=keeps_ema(config))
+  create = functools.partial(
+    steps.create_state, optimizer=optimizer, ema=workdirs.keeps_ema(config)
+  )
   if init_from is not None:
     with sharding.placing_on(mesh, rules):
       params = init_from(jax.eval_shape(init_fn))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ml_collections
 
 from iomm_jax import checkpointing, sharding
+from iomm_jax.assembly import context, workdirs
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
-from iomm_jax.train import context, loop, steps
+from iomm_jax.train import loop, steps
 
 
 def caption_len(config: ml_collections.ConfigDict, num_image_tokens: int) -> int:
@@ -23,7 +24,7 @@ def caption_len(config: ml_collections.ConfigDict, num_image_tokens: int) -> int
 def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
   """Stage 0's model, data and (restored or fresh) state, sharded over the mesh of
   ``config.sharding``."""
-  loop.prepare_workdir(config, workdir)
+  workdirs.prepare_workdir(config, workdir)
   tokenizer = context.Tokenizer.load(context.ensure_tokenizer(config, workdir))
   model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
   conditioner = pipeline.Conditioner(
@@ -31,7 +32,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
   )
   seq_len = caption_len(config, model.num_image_tokens)
   data_iter = iter(pipeline.make_dataset(config, conditioner, seq_len=seq_len))
-  mesh, rules = loop.mesh_and_rules(config)
+  mesh, rules = workdirs.mesh_and_rules(config)
   optimizer, step = loop.make_train_step(
     steps.caption_loss_fn(model), config, config.train.num_steps
   )

@@ -39,12 +39,13 @@ import ml_collections
 import numpy as np
 
 from iomm_jax import sharding
+from iomm_jax.assembly import context, workdirs
 from iomm_jax.configs import loading
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models import mmdit as mmdit_lib
-from iomm_jax.train import context, generator, loop
+from iomm_jax.train import generator, loop
 
 GIB = 2**30
 RNG_BYTES = 8  # a threefry key (2 x uint32), replicated
@@ -144,7 +145,9 @@ def plan(
 
   optimizer, step = generator.make_step(config, model, layout.null_ids, layout.null_valid)
   init = generator.init_fn(model, config, layout.cond_len)
-  boxed_state, state_sh = loop.abstract_state(init, optimizer, mesh, rules, loop.keeps_ema(config))
+  boxed_state, state_sh = loop.abstract_state(
+    init, optimizer, mesh, rules, workdirs.keeps_ema(config)
+  )
   frozen_sh = generator.frozen_shardings(model, mesh, rules)
   state = sharding.abstract_target(boxed_state, state_sh)
   frozen = generator.abstract_frozen(model, frozen_sh)

@@ -50,7 +50,7 @@ def test_demo_quick_runs_every_stage(demo):
 def test_one_checkpoint_has_one_score(demo):
   """The demo, iomm-eval, the recipe study and benchmarks/shapes_score.py score a checkpoint with
   the same protocol: the same report for the same images."""
-  from iomm_jax import study
+  from iomm_jax.cli import study
 
   wd = os.path.join(demo[0], "finetune")
   with open(os.path.join(demo[0], "demo_eval.json")) as f:
@@ -158,11 +158,11 @@ def test_eval_cli_writes_scores_and_failures(demo):
 
 
 def test_sample_cli_benchmark_layouts_resume_identically(demo, tmp_path):
-  from tests.eval.test_benchmark_format import REAL_DPG, REAL_GENEVAL
+  from tests.data.test_benchmark_format import REAL_DPG, REAL_GENEVAL
 
   wd = os.path.join(demo[0], "finetune")
   geneval = REAL_GENEVAL
-  if not os.path.isfile(geneval):  # see tests/eval/test_benchmark_format.py
+  if not os.path.isfile(geneval):  # see tests/data/test_benchmark_format.py
     geneval = str(tmp_path / "meta.jsonl")
     with open(geneval, "w") as f:
       for p in ("a photo of a red circle", "a photo of two squares"):

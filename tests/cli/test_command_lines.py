@@ -136,8 +136,8 @@ def test_nearest_key_and_messages():
 def shapes_tokenizer():
   """The shapes world's sentencepiece tokenizer, the corpus it was trained on and the held-out
   prompts iomm-eval samples."""
+  from iomm_jax.assembly import context
   from iomm_jax.data import pipeline, shapes
-  from iomm_jax.train import context
 
   config = loading.load_config(QUICK)
   world = pipeline.world_from_config(config)
@@ -181,25 +181,25 @@ def test_warning_is_one_line_per_prompt(shapes_tokenizer, capsys):
 
 def test_workdir_config_stores_paths_absolute_and_resumes_either_way(tmp_path, monkeypatch):
   """Was: config.json kept ``model.mllm_from`` relative to the directory training ran in."""
-  from iomm_jax.train import loop
+  from iomm_jax.assembly import workdirs
 
   monkeypatch.chdir(tmp_path)
   os.makedirs("runs/demo/mllm")
   relative = {"model.mllm_from": "runs/demo/mllm"}
-  loop.prepare_workdir(loading.load_config(QUICK, relative), "runs/demo/pretrain")
+  workdirs.prepare_workdir(loading.load_config(QUICK, relative), "runs/demo/pretrain")
   with open("runs/demo/pretrain/config.json") as f:
     saved = json.load(f)
   assert saved["model"]["mllm_from"] == str(tmp_path / "runs/demo/mllm")
   assert saved["model"]["vae_checkpoint"] == saved["train"]["init_from"] == ""  # unset stays unset
   os.makedirs("runs/demo/pretrain/checkpoints")  # resume: the saved model config is compared
-  loop.prepare_workdir(loading.load_config(QUICK, relative), "runs/demo/pretrain")
+  workdirs.prepare_workdir(loading.load_config(QUICK, relative), "runs/demo/pretrain")
   absolute = {"model.mllm_from": str(tmp_path / "runs/demo/mllm")}
   saved["model"]["mllm_from"] = "runs/demo/mllm"  # an older workdir: relative in config.json
   with open("runs/demo/pretrain/config.json", "w") as f:
     json.dump(saved, f)
-  loop.prepare_workdir(loading.load_config(QUICK, absolute), "runs/demo/pretrain")
+  workdirs.prepare_workdir(loading.load_config(QUICK, absolute), "runs/demo/pretrain")
   finetune = {"train.init_from": "scratch", "model.mllm_from": "runs/demo/mllm"}
-  loop.prepare_workdir(loading.load_config(QUICK, finetune), "runs/demo/scratch")
+  workdirs.prepare_workdir(loading.load_config(QUICK, finetune), "runs/demo/scratch")
   with open("runs/demo/scratch/config.json") as f:
     assert json.load(f)["train"]["init_from"] == "scratch"  # a word, not a path
 
@@ -207,7 +207,7 @@ def test_workdir_config_stores_paths_absolute_and_resumes_either_way(tmp_path, m
 def test_old_and_moved_workdirs_find_their_paths(tmp_path, monkeypatch):
   """Relative paths of an older workdir, and absolute ones of a moved tree, are found in and
   above the workdir; what is found nowhere, or is no local path, stays as it is."""
-  from iomm_jax.train import loop
+  from iomm_jax.assembly import workdirs
 
   tree = tmp_path / "elsewhere" / "runs" / "demo"
   for d in ("mllm", "pretrain", "finetune"):
@@ -223,9 +223,9 @@ def test_old_and_moved_workdirs_find_their_paths(tmp_path, monkeypatch):
   with open(tree / "finetune" / "config.json", "w") as f:
     f.write(config.to_json())
   monkeypatch.chdir(tmp_path)
-  got = loop.load_workdir_config(str(tree / "finetune"))
+  got = workdirs.load_workdir_config(str(tree / "finetune"))
   assert got.model.mllm_from == str(tree / "mllm")
   assert got.train.init_from == str(tree / "pretrain")
   assert got.data.path == "/gone/data/photos" and got.data.features == "gs://bucket/features"
   monkeypatch.chdir(tmp_path / "elsewhere")  # where training ran: the relative path as it is
-  assert loop.load_workdir_config(str(tree / "finetune")).model.mllm_from == "runs/demo/mllm"
+  assert workdirs.load_workdir_config(str(tree / "finetune")).model.mllm_from == "runs/demo/mllm"

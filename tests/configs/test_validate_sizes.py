@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from iomm_jax.assembly import workdirs
 from iomm_jax.configs import loading
-from iomm_jax.train import loop
 from tests.cli.test_command_lines import QUICK, _run_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +94,7 @@ def test_what_works_is_accepted():
 def test_refused_before_the_workdir_is_written(tmp_path):
   wd = str(tmp_path / "run")
   with pytest.raises(loading.ConfigError, match="config.model.image_size=30"):
-    loop.prepare_workdir(_quick(**{"model.image_size": 30}), wd)
+    workdirs.prepare_workdir(_quick(**{"model.image_size": 30}), wd)
   assert not os.path.exists(wd)
 
 

@@ -26,11 +26,11 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from iomm_jax import sharding
+from iomm_jax.assembly import context
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import flux, tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.models import iomm, mmdit
-from iomm_jax.train import context
 from tests.convert import tiny_flux
 
 TOL_DIFFUSERS = 1e-4  # as the export parity test (float32, different op order)

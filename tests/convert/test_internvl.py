@@ -500,10 +500,10 @@ def test_untied_config_without_head_is_missing_it(built, tmp_path):
 
 def test_context_builds_from_an_imported_checkpoint(tmp_path):
   """``config.model.mllm_from`` = an imported directory: its params and HFTokenizer are used."""
+  from iomm_jax.assembly import context
   from iomm_jax.configs.loading import load_config
   from iomm_jax.data.hf_tokenizer import HFTokenizer
   from iomm_jax.models import iomm
-  from iomm_jax.train import context
   from tests.data.test_hf_tokenizer import make_tokenizer
 
   hf_dir = str(tmp_path / "hf")

@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
+from iomm_jax.assembly import context
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import tensors, vae
 from iomm_jax.convert.tensors import ConversionError
@@ -157,13 +158,13 @@ def test_config_errors_name_the_class_or_key():
 
 
 def test_parity_tiny_through_the_run_config(models):
-  """model.vae_checkpoint -> init_codec_params -> VAECodec matches diffusers + shift/scale."""
+  """model.vae_checkpoint -> context.init_codec_params -> VAECodec = diffusers + shift/scale."""
   m = models["tiny"]
   assert m.cfg == codec.VAE_VARIANTS["tiny"]
   config = get_base_config()
   config.model.codec, config.model.vae, config.model.vae_checkpoint = "vae", "tiny", m.ours
   vc = codec.make_codec("vae", variant="tiny")
-  params = vae.init_codec_params(config, vc, jax.random.key(0), 16)
+  params = context.init_codec_params(config, vc, jax.random.key(0), 16)
   x = _images(0)
   mean, _ = _torch_encode_decode(m.model, x)
   want = (mean - 0.1159) * 0.3611
@@ -352,11 +353,11 @@ def test_run_config_checks(models):
   config = get_base_config()
   config.model.codec, config.model.vae = "vae", "tiny"
   template = {"sentinel": 1}
-  assert vae.codec_params_from_config(config, template) is template  # no checkpoint: unchanged
+  assert context.codec_params(config, template) is template  # no checkpoint: unchanged
   config.model.vae_checkpoint = models["wide"].ours
   with pytest.raises(ConversionError, match="different VAE.*'tiny'.*latent_channels") as e:
-    vae.codec_params_from_config(config, template)
+    context.codec_params(config, template)
   assert models["wide"].ours in str(e.value)
   config.model.codec = "pixel"
   with pytest.raises(ConversionError, match="codec='pixel'"):
-    vae.codec_params_from_config(config, template)
+    context.codec_params(config, template)

@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import example_folder, inputs, pipeline, prepare, records, sources
 from iomm_jax.eval import heldout
-from iomm_jax.train import context, generator, mllm
+from iomm_jax.train import generator, mllm
 from tests.conftest import ROOT
 
 N, HOLD = 24, 6

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from iomm_jax import edit
+from iomm_jax.assembly.context import TOKENIZER_VOCAB
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.eval import shapes_editing as E
-from iomm_jax.train.context import TOKENIZER_VOCAB
 
 WORLD = shapes.WorldConfig(canvas=24, grid=2)
 

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import adapter, iomm, layers, mmdit
-from iomm_jax.train import context, steps
+from iomm_jax.train import steps
 from tests.conftest import perturbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

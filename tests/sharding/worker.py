@@ -153,7 +153,8 @@ def sample(name: str, a: argparse.Namespace) -> None:
 
   from iomm_jax import inference, runtime, sharding
   from iomm_jax.cli import evaluate
-  from iomm_jax.eval import benchmark_format, shapes_geneval
+  from iomm_jax.data import benchmark_format
+  from iomm_jax.eval import shapes_geneval
 
   src, pid = _workdir(name, a), jax.process_index()
   wd = os.path.join(a.out, "eval_workdir")

@@ -1,4 +1,4 @@
-"""The recipe study's runner (``iomm_jax.study``) and a one-seed miniature of question 1."""
+"""The recipe study's runner (``iomm_jax.cli.study``) and a one-seed miniature of question 1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax import study
+from iomm_jax.cli import study
 from tests.conftest import ROOT
 
 
@@ -228,7 +228,7 @@ def test_question_1_miniature(tmp_path):
 
 
 def test_a_run_that_stored_its_paths_absolute_is_the_same_run(tmp_path, monkeypatch):
-  """Workdirs store their paths absolute (loop.prepare_workdir); the study asks with relative
+  """Workdirs store their paths absolute (workdirs.prepare_workdir); the study asks with relative
   ones (its --root): still the same run."""
   monkeypatch.chdir(tmp_path)
   scale = study.SCALES["quick"]

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iomm_jax.assembly import context
 from iomm_jax.cli import cache_features as cli
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import features, inputs, pipeline, prepare, records
 from iomm_jax.data.inputs import InputError
-from iomm_jax.train import cache, context, generator, loop, pretrain, steps
+from iomm_jax.train import cache, generator, loop, pretrain, steps
 from tests.conftest import perturbed
 from tests.data.test_sources import corrupt_record
 from tests.train.test_faults import assert_trees_equal, saved_state

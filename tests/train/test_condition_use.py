@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from iomm_jax.assembly import context
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import iomm
-from iomm_jax.train import context
 from tests.conftest import ROOT, perturbed
 
 

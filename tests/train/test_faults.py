@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, sharding
+from iomm_jax.assembly import workdirs
 from iomm_jax.configs import loading
 from iomm_jax.configs.loading import load_config
 from iomm_jax.train import loop
@@ -65,7 +66,7 @@ def toy_config(**overrides):
 def toy_run(config, workdir, batches=None):
   """The real ``restore_or_init`` and step loop around the toy model (``batches``: a
   ``ToyBatch``); returns the finished ``loop.Run``."""
-  loop.prepare_workdir(config, workdir)
+  workdirs.prepare_workdir(config, workdir)
   mesh, rules = sharding.single_device_mesh(), ()
   ds = grain.MapDataset.range(10**6).map(batches or ToyBatch())
   data_iter = iter(ds.to_iter_dataset())

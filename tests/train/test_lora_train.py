@@ -199,9 +199,10 @@ def test_lora_finetune_from_a_flux_directory_and_export(tmp_path):
   import diffusers
 
   from iomm_jax import checkpointing, inference
+  from iomm_jax.assembly import context
   from iomm_jax.cli import convert
   from iomm_jax.convert import flux
-  from iomm_jax.train import context, finetune
+  from iomm_jax.train import finetune
 
   flux_dir, wd, out = (str(tmp_path / n) for n in ("flux", "wd", "export"))
   over = {"model.mllm_init": "random", "sample.num_grid": 0, "train.num_steps": 2,

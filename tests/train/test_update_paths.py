@@ -13,12 +13,13 @@ import optax
 import pytest
 
 from iomm_jax import metrics, perf
+from iomm_jax.assembly import context
 from iomm_jax.cli import convert
 from iomm_jax.configs import loading
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
-from iomm_jax.train import context, pretrain, steps
+from iomm_jax.train import pretrain, steps
 
 EXP = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "experiments", "shapes"

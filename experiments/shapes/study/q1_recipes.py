@@ -7,7 +7,7 @@ text-image pairs only for the same steps and batch. Fine-tune Image / Pair / Mix
 lambda = 1 / 0 / 0.5. Paper (GenEval, IOMM-B): Image->Mix is best.
 """
 
-from iomm_jax.study import Arm, Contrast, main
+from iomm_jax.cli.study import Arm, Contrast, main
 
 ARMS = [
   Arm(f"{pre.capitalize()}->{ft}", pretrain=pre, finetune_overrides=(("diffusion.mix_ratio", lam),))

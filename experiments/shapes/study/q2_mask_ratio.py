@@ -8,7 +8,7 @@ model given a scene as its own condition, unmasked and masked): does a low r tea
 to copy its vision tokens, and a high one to read them at all?
 """
 
-from iomm_jax.study import Arm, Contrast, main
+from iomm_jax.cli.study import Arm, Contrast, main
 
 ARMS = [
   Arm(f"r={r}", pretrain_overrides=(("diffusion.mask_ratio", r),)) for r in (0.0, 0.45, 0.85, 0.95)

@@ -5,7 +5,7 @@
 Paper: lambda = 0.5.
 """
 
-from iomm_jax.study import Arm, main
+from iomm_jax.cli.study import Arm, main
 
 ARMS = [
   Arm(f"lambda={lam}", finetune_overrides=(("diffusion.mix_ratio", lam),))

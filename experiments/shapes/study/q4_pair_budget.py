@@ -6,7 +6,7 @@ pre-training (the same stage-2 steps either way; "none" starts stage 2 from a ra
 Paper's central claim: the image-only stage cuts the number of pairs needed.
 """
 
-from iomm_jax.study import Arm, Contrast, main
+from iomm_jax.cli.study import Arm, Contrast, main
 
 BUDGETS = (100, 300, 1000, 3000)
 ARMS = [

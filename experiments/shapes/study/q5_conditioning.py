@@ -9,7 +9,7 @@ padding positions of the context, but the MM-DiT (like FLUX) has no condition ma
 prompts still show the generator some zero tokens.
 """
 
-from iomm_jax.study import Arm, main
+from iomm_jax.cli.study import Arm, main
 
 ARMS = [
   Arm("raw MLLM output", both=(("model.condition", "raw"),)),

@@ -3,7 +3,7 @@
 python experiments/shapes/study/q6_frozen_mllm.py [--scale small] [--seeds 0 1] [--write-docs]
 """
 
-from iomm_jax.study import Arm, main
+from iomm_jax.cli.study import Arm, main
 
 ARMS = [
   Arm("stage-0 MLLM", both=(("model.mllm_init", "checkpoint"),)),

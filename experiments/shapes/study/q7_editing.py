@@ -9,7 +9,7 @@ Trains nothing new: it reuses (or trains) question 1's runs under the same --roo
 
 from q1_recipes import ARMS
 
-from iomm_jax.study import main
+from iomm_jax.cli.study import main
 
 if __name__ == "__main__":
   main(

@@ -34,7 +34,7 @@ from iomm_jax.configs import loading
 from iomm_jax.eval import shapes_editing, shapes_geneval
 from iomm_jax.train import finetune, mllm, pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository
 EXPERIMENTS = os.path.join(ROOT, "experiments", "shapes")
 
 
@@ -136,7 +136,7 @@ def _same_run(root: str, wd: str, config, defaults) -> str | None:
   question's arm that is the same experiment), or None. A config key added to the project since
   that run counts as equal when this config leaves it at ``defaults`` (the experiment file's)."""
   want, base = json.loads(config.to_json()), json.loads(defaults.to_json())
-  loading.absolute_paths(want)  # workdirs store their paths absolute (loop.prepare_workdir)
+  loading.absolute_paths(want)  # workdirs store their paths absolute (workdirs.prepare_workdir)
   for question in sorted(os.listdir(root)):
     qdir = os.path.join(root, question)
     if not os.path.isdir(qdir) or question in ("mllm", "pretrain"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax.eval import benchmark_format as bf
+from iomm_jax.data import benchmark_format as bf
 from tests.conftest import SHARED
 
 DATA = os.environ.get("IOMM_BENCHMARK_DATA", os.path.join(SHARED, "data"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,15 +27,16 @@ import jax
 import ml_collections
 
 from iomm_jax import checkpointing, runtime, sharding
+from iomm_jax.assembly import workdirs
 from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.data.hf_tokenizer import HFTokenizer
 from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
+from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models import mmdit as mmdit_lib
-from iomm_jax.train import loop
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_VOCAB = (
@@ -112,7 +114,7 @@ def restore_params(
   the template's logical axes), else on this process's first device, whatever mesh saved them.
   """
   checkpointing.find_checkpoint_dir(workdir, "restore")
-  cfg = loop.load_workdir_config(workdir)
+  cfg = workdirs.load_workdir_config(workdir)
   mesh, rules = sharding.placement() or (sharding.single_device_mesh(), ())
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
@@ -120,7 +122,7 @@ def restore_params(
     if step is not None and step not in saved:
       raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; saved steps: {saved}")
     ema = ckpt.saved_ema(step)  # (ema_decay = 0 runs of older versions saved a copy too)
-    if which == "ema" and not (ema and loop.keeps_ema(cfg)):  # no EMA: its parameters
+    if which == "ema" and not (ema and workdirs.keeps_ema(cfg)):  # no EMA: its parameters
       which = "params"
     target = sharding.abstract_target(
       boxed_params, sharding.logical_shardings(boxed_params, mesh, rules)
@@ -216,13 +218,58 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
       mllm = restore_params(m.mllm_from, jax.eval_shape(lambda: iomm.init_mllm(model, MLLM_SEED)))
     else:
       mllm = nn.meta.unbox(iomm.init_mllm(model, config.seed + MLLM_SEED))
-  codec = vae_convert.init_codec_params(  # converted VAE weights when model.vae_checkpoint is set
+  codec = init_codec_params(  # converted VAE weights when model.vae_checkpoint is set
     config, model.codec, iomm.init_key(config.seed + 23), model.image_size
   )
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, m.aux_prompt, m.max_text_len
   )
   return GenerationContext(model, tokenizer, conditioner, {"mllm": mllm, "codec": codec})
+
+
+def codec_params(config: ml_collections.ConfigDict, template: Any) -> Any:
+  """The codec params of a run: ``template`` unchanged when ``config.model.vae_checkpoint`` is
+  empty, else the VAE imported there (``convert.vae.load_into``), checked against
+  ``config.model.vae``'s ``VAE_VARIANTS`` entry and ``template``'s shapes, cast to its dtypes.
+
+  Raises ``ConversionError`` when a checkpoint is set for a non-VAE codec, or when it holds
+  another VAE than ``config.model.vae`` (both named, with the fields).
+  """
+  m = config.model
+  path = m.get("vae_checkpoint", "") or ""
+  if not path:
+    return template
+  if m.codec != "vae":
+    raise tensors.ConversionError(
+      f"config.model.vae_checkpoint={path!r} is set but config.model.codec={m.codec!r} "
+      f"(use codec='vae' or clear vae_checkpoint)"
+    )
+  if m.vae not in codec_lib.VAE_VARIANTS:
+    raise tensors.ConversionError(
+      f"config.model.vae={m.vae!r} unknown; choose from {sorted(codec_lib.VAE_VARIANTS)}"
+    )
+  return vae_convert.load_into(
+    path,
+    codec_lib.VAE_VARIANTS[m.vae],
+    template,
+    f"config.model.vae_checkpoint={path!r}",
+    f"config.model.vae={m.vae!r}",
+  )
+
+
+def init_codec_params(
+  config: ml_collections.ConfigDict,
+  latent_codec: Any,
+  rng: jax.Array,
+  image_size: int | Sequence[int],
+) -> Any:
+  """A run's codec params: ``latent_codec.init_params(rng, image_size)``, or, when
+  ``config.model.vae_checkpoint`` is set, the converted weights (no random init is computed;
+  only its shapes are traced)."""
+  if not (config.model.get("vae_checkpoint", "") or ""):
+    return latent_codec.init_params(rng, image_size)
+  template = jax.eval_shape(lambda key: latent_codec.init_params(key, image_size), rng)
+  return codec_params(config, template)
 
 
 def _config_diff(variant: mllm_lib.MLLMConfig, ckpt: mllm_lib.MLLMConfig) -> list[str]:
