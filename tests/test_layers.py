@@ -13,6 +13,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {
   "configs": 0,
   "files": 0,
+  "dtypes": 0,
   "runtime": 1,
   "sharding": 1,
   "perf": 1,

@@ -31,7 +31,9 @@ import argparse
 import os
 import sys
 
-DTYPES = ("float32", "bfloat16")
+from iomm_jax import dtypes
+
+DTYPES = dtypes.STORAGE  # --dtype choices
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,45 +14,54 @@ Exported directory (``export_generator``)::
     transformer/diffusion_pytorch_model.safetensors
     mllm/, vae/                                with ``frozen``: the MLLM and the VAE (codec "vae")
 
-Key layouts (both are the torch state-dict keys, so torch loads them with ``load_state_dict``):
+Name tables (``tensors.Table``: our path -> the torch state-dict key and its hook, so torch loads
+the files with ``load_state_dict``); export and both imports read the same table:
 
-* transformer: ``mmdit.to_diffusers_key`` (``transformer_blocks_0/attn/to_out_0/kernel`` ->
-  ``transformer_blocks.0.attn.to_out.0.weight``);
-* adapter / connector: the Flax path joined with ``.``, a segment ``<name>_<i>`` (``blocks_0``)
-  becoming the ModuleList entry ``<name>.<i>``; leaves as for the transformer
-  (``blocks_0/attn/q_proj/kernel`` -> ``blocks.0.attn.q_proj.weight``, ``queries`` -> ``queries``,
-  ``blocks_1/norm1/scale`` -> ``blocks.1.norm1.weight``).
+* transformer (``transformer_table``; ``transformer_key``): the Flax path joined with ``.``; a
+  segment ``<list>_<i>`` whose ``<list>`` is one of the ``ModuleList`` names of
+  ``TRANSFORMER_LISTS`` becomes ``<list>.<i>``, every other segment is kept (``linear_1`` stays
+  ``linear_1``); leaf ``kernel`` -> ``weight``, RMSNorm ``scale`` -> ``weight``, ``bias`` ->
+  ``bias``. e.g. (ours -> diffusers)
+    ``transformer_blocks_0/attn/to_out_0/kernel`` -> ``transformer_blocks.0.attn.to_out.0.weight``
+    ``transformer_blocks_3/ff/net_0/proj/bias`` -> ``transformer_blocks.3.ff.net.0.proj.bias``
+    ``time_text_embed/timestep_embedder/linear_1/kernel``
+      -> ``time_text_embed.timestep_embedder.linear_1.weight``
+    ``single_transformer_blocks_7/attn/norm_q/scale``
+      -> ``single_transformer_blocks.7.attn.norm_q.weight``
+  Parameter-free norms (``norm2``, ``norm2_context``, the LayerNorms inside adaLN) have no keys.
+* adapter / connector (``part_table``): the same with every ``<name>_<i>`` segment a ModuleList
+  entry (``blocks_0/attn/q_proj/kernel`` -> ``blocks.0.attn.q_proj.weight``, ``queries`` ->
+  ``queries``, ``blocks_1/norm1/scale`` -> ``blocks.1.norm1.weight``).
 
-Every Dense ``kernel`` (in, out) is stored transposed, as torch's ``nn.Linear.weight`` (out, in);
-nothing else is transposed. Arrays are written in float32 unless ``dtype`` says otherwise.
+Hooks: every Dense ``kernel`` (in, out) is stored transposed (``tensors.TRANSPOSE``), as torch's
+``nn.Linear.weight`` (out, in); nothing else is. Arrays are written in float32 unless ``dtype``
+says otherwise.
 
 A trained workdir (stage 1 or 2) exports with::
 
   config, ctx, params = inference.load_generator(workdir)
   flux.export_generator(ctx.model, params, out_dir, frozen=ctx.frozen)
 
-Imports read safetensors only and check every tensor with ``tensors.match`` in the torch key
-space, so a missing, unexpected or mis-shaped tensor is named as it appears in the file, with both
-shapes (torch orientation).
+Imports read safetensors only and check every tensor with ``tensors.check_keys`` against the
+table, so a missing, unexpected or mis-shaped tensor is named as it appears in the file, with both
+shapes (torch orientation and ours).
 
-Initialisation from an existing generator (``config.train.init_from`` = a diffusers
-``FluxTransformer2DModel`` directory, or a pipeline directory holding one under ``transformer/``):
-``read_transformer_init`` is the inverse of ``export_transformer`` over the same name table
-(``mmdit.to_diffusers_key``, kernels transposed) into *our* generator config, strict: every key of
-the file is used and every parameter of ours is filled, except the condition-input kernels of
-``REINITIALISABLE`` when only their input width differs (ours reads the connector's output, the
-checkpoint a text encoder's); those keep our init and are listed (``TransformerInit.
-reinitialised``). Tensors are read one at a time (``TransformerInit.array``), so a 12 B
-checkpoint never sits in host memory whole.
+The transformer has two readers over one path (``_read``: the table, ``tensors.check_keys``, a
+lazily opened ``tensors.Source``): ``import_transformer`` reads a directory into the config of
+its own ``config.json``; ``read_transformer_init`` (``config.train.init_from`` = a diffusers
+``FluxTransformer2DModel`` directory, or a pipeline directory holding one under ``transformer/``)
+reads it into *our* generator config, strict: every key of the file is used and every parameter
+of ours is filled, except the condition-input kernels of ``REINITIALISABLE`` when only their
+input width differs (ours reads the connector's output, the checkpoint a text encoder's); those
+keep our init and are listed (``TransformerInit.reinitialised``). Tensors are read one at a time
+(``TransformerInit.array``), so a 12 B checkpoint never sits in host memory whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,9 +69,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
-from iomm_jax import files
+from iomm_jax import dtypes
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.models import adapter as adapter_lib
@@ -96,12 +104,13 @@ DIFFUSERS_FIELDS = (
 # Ours, in config.json under a private key (diffusers drops ``_*`` keys when it builds the model).
 LATENT_PATCH_KEY = "_iomm_latent_patch"
 DIFFUSERS_MLP_RATIO = 4.0  # FluxTransformerBlock / FluxSingleTransformerBlock default, not a field
-_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+# The torch ModuleList names of FluxTransformer2DModel (``<list>_<i>`` is ``<list>.<i>`` there).
+TRANSFORMER_LISTS = ("transformer_blocks", "single_transformer_blocks", "to_out", "net")
 
 Params = Any
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- name tables
 
 
 def _numpy_tree(params: Params) -> dict[str, np.ndarray]:
@@ -109,64 +118,41 @@ def _numpy_tree(params: Params) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in tensors.flatten(nn.meta.unbox(params)).items()}
 
 
-def _abstract(template: Params) -> dict[str, jax.ShapeDtypeStruct]:
-  return {
-    k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
-    for k, v in tensors.flatten(nn.meta.unbox(template)).items()
-  }
-
-
-def _is_kernel(path: str) -> bool:
-  return path.rsplit("/", 1)[-1] == "kernel"
-
-
-def _cast(x: np.ndarray, dtype: str | None) -> np.ndarray:
-  if dtype is None:
-    return x.astype(np.float32) if x.dtype != np.float32 else x
-  if dtype not in _DTYPES:
-    raise ValueError(f"dtype {dtype!r} unknown; choose from {sorted(_DTYPES)}")
-  return x.astype(_DTYPES[dtype])
-
-
-def _to_torch(
-  flat: Mapping[str, np.ndarray], key_fn: Callable[[tuple[str, ...]], str], dtype: str | None
-) -> dict[str, np.ndarray]:
-  """Flat Flax params -> {torch key: array}, Dense kernels transposed."""
-  out = {}
-  for path, x in flat.items():
-    key = key_fn(tuple(path.split("/")))
-    if key in out:
-      raise ConversionError(f"two parameters map to the torch key {key!r}")
-    out[key] = np.ascontiguousarray(_cast(x.T if _is_kernel(path) else x, dtype))
-  return out
-
-
-def _from_torch(
-  loaded: Mapping[str, np.ndarray],
-  template: Params,
-  key_fn: Callable[[tuple[str, ...]], str],
-  what: str,
-) -> dict[str, Any]:
-  """{torch key: array} -> nested Flax tree shaped like ``template``; problems named by torch key
-  and torch shape (``tensors.match``)."""
-  want = _abstract(template)
-  keys = {path: key_fn(tuple(path.split("/"))) for path in want}
-  torch_want = {
-    keys[p]: jax.ShapeDtypeStruct(s.shape[::-1] if _is_kernel(p) else s.shape, s.dtype)
-    for p, s in want.items()
-  }
-  # torch keys contain no "/", so match's unflatten leaves the dict flat.
-  checked = tensors.match(torch_want, loaded, what)
-  return tensors.unflatten(
-    {p: (checked[k].T if _is_kernel(p) else checked[k]).copy() for p, k in keys.items()}
-  )
-
-
 def _check_tree(params: Params, template: Params, what: str) -> dict[str, np.ndarray]:
   """Flat numpy params, after checking them against ``template`` (names and shapes)."""
   flat = _numpy_tree(params)
-  tensors.match(_abstract(template), flat, what)
+  tensors.match(template, flat, what)
   return flat
+
+
+def _torch_row(key: Callable[[str], str]) -> Callable[[str, tuple[int, ...]], tensors.Entry]:
+  """A name-table row of a torch module: the key ``key(path)``, Dense kernels transposed."""
+
+  def row(path: str, shape: tuple[int, ...]) -> tensors.Entry:
+    leaf = path.rsplit("/", 1)[-1]
+    return tensors.Entry(key(path), tensors.TRANSPOSE if leaf == "kernel" else tensors.AS_IS)
+
+  return row
+
+
+def transformer_key(path: str) -> str:
+  """The diffusers state-dict key of our MM-DiT parameter path (module docstring)."""
+  return tensors.torch_key(path, TRANSFORMER_LISTS)
+
+
+def transformer_table(template: Params) -> tensors.Table:
+  """The name table of the MM-DiT parameters ``template`` (``transformer_template``)."""
+  return tensors.name_table(template, _torch_row(transformer_key))
+
+
+def part_table(template: Params) -> tensors.Table:
+  """The name table of adapter / connector parameters ``template`` (torch_port's modules)."""
+  return tensors.name_table(template, _torch_row(tensors.torch_key))
+
+
+def _out_dtype(dtype: str | None) -> np.dtype:
+  """The storage dtype of an export: float32 unless ``dtype`` names another."""
+  return dtypes.dtype(dtype or "float32")
 
 
 def _diffusers_version() -> str | None:
@@ -174,12 +160,6 @@ def _diffusers_version() -> str | None:
     return importlib.metadata.version("diffusers")
   except importlib.metadata.PackageNotFoundError:
     return None
-
-
-def _write_json(path: str, obj: dict) -> None:
-  """Writes JSON atomically in insertion order, creating the directory."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  files.write_json(path, obj, sort_keys=False, newline=True)
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -253,8 +233,9 @@ def transformer_state_dict(
 ) -> dict[str, np.ndarray]:
   """diffusers state dict (numpy, torch orientation) of MM-DiT ``params`` (checked against
   ``cfg``)."""
-  flat = _check_tree(params, transformer_template(cfg), "MM-DiT parameters")
-  return _to_torch(flat, mmdit_lib.to_diffusers_key, dtype)
+  template = transformer_template(cfg)
+  flat = _check_tree(params, template, "MM-DiT parameters")
+  return tensors.to_file(transformer_table(template), flat, _out_dtype(dtype))
 
 
 def export_transformer(
@@ -268,21 +249,17 @@ def export_transformer(
   config = diffusers_config(cfg)
   state = transformer_state_dict(params, cfg, dtype)
   tensors.write(os.path.join(out_dir, WEIGHTS_NAME), state, metadata={"format": "pt"})
-  _write_json(os.path.join(out_dir, CONFIG_NAME), config)
+  tensors.write_json(os.path.join(out_dir, CONFIG_NAME), config)
   return out_dir
 
 
 def import_transformer(path: str) -> tuple[mmdit_lib.MMDiTConfig, dict[str, Any]]:
   """(config, float32 Flax params) of a diffusers ``FluxTransformer2DModel`` directory
   (``config.json`` + safetensors, sharded or not; pickles are never read)."""
-  cfg = mmdit_config_from_diffusers(
-    tensors.read_json(os.path.join(path, CONFIG_NAME), f"{CLASS_NAME} config")
-  )
-  loaded = tensors.read(path, f"{CLASS_NAME} checkpoint")
-  params = _from_torch(
-    loaded, transformer_template(cfg), mmdit_lib.to_diffusers_key, f"{CLASS_NAME} {path!r}"
-  )
-  return cfg, params
+  config = tensors.read_json(os.path.join(path, CONFIG_NAME), f"{CLASS_NAME} config")
+  cfg = mmdit_config_from_diffusers(config)
+  init = _read(path, config, cfg, f"{CLASS_NAME} checkpoint", reinitialise=False)
+  return cfg, tensors.unflatten({p: init.array(p) for p in init.keys})
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -301,15 +278,7 @@ def transformer_dir(path: str) -> str | None:
   """The ``FluxTransformer2DModel`` directory at ``path`` (its ``config.json`` names the class),
   or at ``path/transformer`` (a pipeline or ``export_generator`` directory); None otherwise."""
   for d in (path, os.path.join(path, TRANSFORMER_DIR)):
-    file = os.path.join(d, CONFIG_NAME)
-    if not os.path.isfile(file):
-      continue
-    try:
-      with open(file) as f:
-        name = json.load(f).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-      continue
-    if name == CLASS_NAME:
+    if (tensors.peek_json(os.path.join(d, CONFIG_NAME)) or {}).get("_class_name") == CLASS_NAME:
       return d
   return None
 
@@ -333,30 +302,32 @@ class Reinitialised:
 class TransformerInit:
   """A checked FLUX-format checkpoint as the initialisation of our generator (headers only).
 
-  ``keys``: our parameter path ('/'-joined) -> the file's key, for every parameter the file
-  fills; ``files``: file key -> safetensors file; ``reinitialised``: what keeps our init;
-  ``handles``: the open (lazy, memory-mapped) safetensors files, by file name.
+  ``table``: the rows (our '/'-joined path -> the file's key and hook) of every parameter the
+  file fills; ``source``: the open (lazy, memory-mapped) safetensors files; ``reinitialised``:
+  what keeps our init.
   """
 
   path: str
   config: dict[str, Any]
-  keys: dict[str, str]
-  files: dict[str, str]
+  table: tensors.Table
+  source: tensors.Source
   reinitialised: tuple[Reinitialised, ...]
-  handles: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def keys(self) -> dict[str, str]:
+    """Our path -> the file's key, for every parameter the file fills."""
+    return {p: e.key for p, e in self.table.items()}
 
   def array(self, path: str, dtype: Any = np.float32) -> np.ndarray:
     """Our parameter ``path`` from the file, in our layout (kernels transposed), as ``dtype``."""
-    key = self.keys[path]
-    x = self.handles[self.files[key]].get_tensor(key)
-    return np.ascontiguousarray((x.T if _is_kernel(path) else x).astype(dtype))
+    return self.table[path].load(self.source.get, dtype)
 
   def meta(self) -> dict[str, Any]:
     """JSON record of the import (for the checkpoint's metadata)."""
     return {
       "format": CLASS_NAME,
       "path": os.path.abspath(self.path),
-      "loaded": len(self.keys),
+      "loaded": len(self.table),
       "reinitialised": [dataclasses.asdict(r) for r in self.reinitialised],
     }
 
@@ -364,9 +335,35 @@ class TransformerInit:
     """One log line: what was loaded and each re-initialised parameter."""
     re_ = "; ".join(r.describe() for r in self.reinitialised) or "none"
     return (
-      f"init_from {self.path} ({CLASS_NAME}): {len(self.keys)} tensors loaded; "
+      f"init_from {self.path} ({CLASS_NAME}): {len(self.table)} tensors loaded; "
       f"re-initialised: {re_}"
     )
+
+
+def _read(
+  where: str, config: dict[str, Any], cfg: mmdit_lib.MMDiTConfig, what: str, reinitialise: bool
+) -> TransformerInit:
+  """The one reading path of a FLUX transformer directory ``where`` (``config``: its
+  ``config.json``) into ``MMDiT(cfg)``: headers opened, every key and shape checked against the
+  name table; with ``reinitialise``, a ``REINITIALISABLE`` kernel whose input width alone differs
+  keeps our init."""
+  source = tensors.Source.open(where, what)
+  template = transformer_template(cfg)
+  table = transformer_table(template)
+  want = tensors.file_shapes(table, template)
+
+  def tolerate(path: str, got: tuple[int, ...], exp: tuple[int, ...]) -> bool:
+    return (
+      reinitialise and table[path].key in REINITIALISABLE and len(got) == 2 and got[0] == exp[0]
+    )
+
+  label = f"{what} {where!r}"
+  skipped = tensors.check_keys(table, template, source.shapes, label, source.origins(), tolerate)
+  reinit = tuple(
+    Reinitialised(table[p].key, p, source.shapes[table[p].key], want[p]) for p in skipped
+  )
+  rows = {p: e for p, e in table.items() if p not in skipped}
+  return TransformerInit(where, config, rows, source, reinit)
 
 
 def read_transformer_init(
@@ -382,58 +379,16 @@ def read_transformer_init(
       f"{what}={path!r} is not a {CLASS_NAME} directory (no {CONFIG_NAME} naming it, there or "
       f"in {TRANSFORMER_DIR}/)"
     )
-  label = f"{what} {CLASS_NAME} {where!r}"
-  config = tensors.read_json(os.path.join(where, CONFIG_NAME), label)
+  label = f"{what} {CLASS_NAME}"
+  config = tensors.read_json(os.path.join(where, CONFIG_NAME), f"{label} {where!r}")
   theirs = mmdit_config_from_diffusers(config)
   for name in _UNSHAPED_FIELDS:
     if getattr(theirs, name) != getattr(cfg, name):
       raise ConversionError(
-        f"{label}: {name} is {getattr(theirs, name)!r} there, {getattr(cfg, name)!r} in our "
-        f"generator config"
+        f"{label} {where!r}: {name} is {getattr(theirs, name)!r} there, {getattr(cfg, name)!r} "
+        f"in our generator config"
       )
-  shapes, files, handles = {}, {}, {}
-  for file in tensors.safetensors_files(where, label):
-    handle = handles[file] = safe_open(file, framework="numpy")
-    for key in handle.keys():
-      if key in shapes:
-        raise ConversionError(f"{label}: key {key!r} appears in more than one shard")
-      shapes[key], files[key] = tuple(handle.get_slice(key).get_shape()), file
-  want = _abstract(transformer_template(cfg))
-  keys = {p: mmdit_lib.to_diffusers_key(tuple(p.split("/"))) for p in want}
-  ours = {keys[p]: tuple(s.shape[::-1] if _is_kernel(p) else s.shape) for p, s in want.items()}
-  missing = sorted(set(ours) - set(shapes))
-  unexpected = sorted(set(shapes) - set(ours))
-  reinit, bad = [], []
-  for p, key in sorted(keys.items()):
-    got, exp = shapes.get(key), ours[key]
-    if got is None or got == exp:
-      continue
-    if key in REINITIALISABLE and len(got) == 2 and got[0] == exp[0]:
-      reinit.append(Reinitialised(key, p, got, exp))
-      continue
-    bad.append(
-      f"{key!r} in {os.path.basename(files[key])} has shape {got}, ours is {exp} ({p}: "
-      f"{want[p].shape} in our layout)"
-    )
-  tensors.raise_problems(
-    label,
-    tensors.listed(
-      "missing key(s), ours with no tensor there", [f"{k!r} {ours[k]}" for k in missing]
-    ),
-    tensors.listed(
-      "unexpected key(s), not in our generator", [f"{k!r} {shapes[k]}" for k in unexpected]
-    ),
-    tensors.listed("shape mismatch(es)", bad, sep="; "),
-  )
-  skipped = {r.path for r in reinit}
-  return TransformerInit(
-    where,
-    config,
-    {p: k for p, k in keys.items() if p not in skipped},
-    files,
-    tuple(reinit),
-    handles,
-  )
+  return _read(where, config, cfg, label, reinitialise=True)
 
 
 def lora_merged(model: Any, trainable: Params, frozen: Params | None) -> Params:
@@ -452,16 +407,6 @@ def lora_merged(model: Any, trainable: Params, frozen: Params | None) -> Params:
 
 
 # ----------------------------------------------------------------------------- adapter, connector
-
-
-_LIST_SEGMENT = re.compile(r"^(.+)_(\d+)$")
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-  """torch state-dict key of an adapter / connector parameter path (see the module docstring)."""
-  *mods, leaf = path
-  return ".".join([_LIST_SEGMENT.sub(r"\1.\2", m) for m in mods] + [_LEAVES.get(leaf, leaf)])
 
 
 def adapter_meta(model: Any) -> dict[str, Any] | None:
@@ -550,16 +495,16 @@ def export_trainable(
 ) -> dict[str, Any]:
   """Writes ``adapter.safetensors`` (unless condition "raw"), ``connector.safetensors`` and
   ``iomm.json`` for the ``trainable`` tree of ``model`` (an ``iomm.IOMM``: the static half, whose
-  module configs describe the tensors). Keys are torch-module keys (``torch_key``). The generator
+  module configs describe the tensors). Keys are torch-module keys (``part_table``). The generator
   is ``export_transformer``'s (``export_generator`` writes all three). Returns the meta dict."""
   meta = generator_meta(model)
   for name, file, template in _parts(meta):
     if name not in trainable:
       raise ConversionError(f"trainable parameters have no {name!r} tree")
     flat = _check_tree(trainable[name], template, f"{name} parameters")
-    state = _to_torch(flat, torch_key, dtype)
+    state = tensors.to_file(part_table(template), flat, _out_dtype(dtype))
     tensors.write(os.path.join(out_dir, file), state, metadata={"format": "pt"})
-  _write_json(os.path.join(out_dir, META_NAME), meta)
+  tensors.write_json(os.path.join(out_dir, META_NAME), meta)
   return meta
 
 
@@ -580,20 +525,21 @@ def read_trainable(path: str) -> tuple[dict[str, Any], dict[str, dict[str, np.nd
   meta = read_meta(path)
   out = {}
   for name, file, template in _parts(meta):
-    file = os.path.join(path, file)
-    out[name] = tensors.read(file, name)
-    _from_torch(out[name], template, torch_key, f"{name} {file!r}")  # raises on any mismatch
+    file, origins = os.path.join(path, file), {}
+    out[name] = tensors.read(file, name, origins)
+    shapes = {k: v.shape for k, v in out[name].items()}
+    tensors.check_keys(part_table(template), template, shapes, f"{name} {file!r}", origins)
   return meta, out
 
 
 def import_trainable(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(meta, {"adapter": tree, "connector": tree}) in our Flax layout (float32), from an
   ``export_trainable`` directory; the inverse of ``export_trainable``."""
-  meta = read_meta(path)
-  out = {}
-  for name, file, template in _parts(meta):
-    file = os.path.join(path, file)
-    out[name] = _from_torch(tensors.read(file, name), template, torch_key, f"{name} {file!r}")
+  meta, state = read_trainable(path)
+  out = {
+    name: tensors.from_file(part_table(template), template, state[name], f"{name} {path!r}")
+    for name, _, template in _parts(meta)
+  }
   return meta, out
 
 

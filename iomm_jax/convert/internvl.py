@@ -14,16 +14,24 @@ directory (``config.json`` + safetensors; pickles are refused) and writes an *im
 ``InternVLForConditionalGeneration.from_pretrained`` loads with no missing or unexpected keys;
 importing an export gives back the same arrays bit for bit.
 
-Key map (see ``models.mllm``'s docstring for our side). A file key is first brought to the
-in-memory transformers name: ``model.`` is dropped; the on-disk layout of transformers 5 (and of
-the hub's -hf files), ``language_model.model.<x>`` / ``language_model.lm_head.<x>`` /
-``vision_tower.<x>`` / ``multi_modal_projector.<x>``, becomes ``language_model.<x>`` /
-``lm_head.<x>`` / unchanged. Then ``.<i>.`` list indices become ``_<i>``, dots become ``/``, and
-the leaf is renamed and reshaped: linear ``weight`` (out, in) -> ``kernel`` (in, out); norm
-``weight`` -> ``scale``; ``embed_tokens.weight`` -> ``embedding``; the patch convolution
-(D, C, p, p) -> (p, p, C, D); ``cls_token`` (1, 1, D) -> (D,); ``position_embeddings``
-(1, G*G + 1, D) -> (G*G + 1, D).
-``export_internvl`` writes the on-disk layout ``save_pretrained`` writes.
+Name table (``name_table``: our path -> the key ``save_pretrained`` writes and its hook; import
+and export read it). ``hf_key`` is the name rule: ``/`` becomes ``.``, a ``layer_<i>`` /
+``layers_<i>`` segment the list entry ``layer.<i>`` / ``layers.<i>``, a ``kernel`` / ``scale`` /
+``embedding`` leaf ``weight``, and the text model sits under ``language_model.model.`` (its head
+under ``language_model.lm_head.``), the on-disk layout of transformers 5 and of the hub's -hf
+files. Hooks: linear ``weight`` (out, in) <-> ``kernel`` (in,
+out) (``tensors.TRANSPOSE``); the patch convolution (D, C, p, p) <-> (p, p, C, D)
+(``tensors.CONV``); ``cls_token`` (1, 1, D) <-> (D,) and ``position_embeddings``
+(1, G*G + 1, D) <-> (G*G + 1, D) (``tensors.leading_ones``); the rest as is (``lambda_1`` /
+``lambda_2`` keep their names). e.g. (ours -> file)
+  ``vision_tower/encoder/layer_3/attention/q_proj/kernel``
+    -> ``vision_tower.encoder.layer.3.attention.q_proj.weight`` (transposed)
+  ``language_model/layers_0/input_layernorm/scale``
+    -> ``language_model.model.layers.0.input_layernorm.weight``
+  ``lm_head/kernel`` -> ``language_model.lm_head.weight`` (transposed)
+A file keyed by the in-memory names (``model.`` + ``language_model.<x>`` / ``vision_tower.<x>``
+/ ``multi_modal_projector.<x>``, ``lm_head.<x>``) reads through the same table: both layouts are
+brought to one name (``_in_memory``) before the keys are matched.
 
 Tied embeddings follow transformers 5: the top-level ``tie_word_embeddings`` decides (the text
 config's when the top level does not say, default True); a tied config whose file still holds an
@@ -37,19 +45,16 @@ than the last or with the cls token kept, a mask token, non-square images, Qwen3
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from iomm_jax import files
+from iomm_jax import dtypes
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.data.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
@@ -60,27 +65,11 @@ FORMAT = "iomm_jax.mllm"
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
-
-# Modules whose ``weight`` is a norm scale.
-NORM_MODULES = frozenset(
-  {
-    "layernorm_before",
-    "layernorm_after",
-    "layernorm",
-    "layer_norm",
-    "q_norm",
-    "k_norm",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "norm",
-  }
-)
+HF_LISTS = ("layer", "layers")  # the ModuleLists: ``layer_<i>`` is ``layer.<i>`` there
 PATCH_CONV = "vision_tower/embeddings/patch_embeddings/projection"
 CLS_TOKEN = "vision_tower/embeddings/cls_token"
 POSITIONS = "vision_tower/embeddings/position_embeddings"
-EMBED = "language_model/embed_tokens"
+EMBED = "language_model/embed_tokens/embedding"
 LM_HEAD = "lm_head/kernel"
 
 # transformers' config defaults for the keys read here (InternVLConfig, InternVLVisionConfig,
@@ -345,28 +334,9 @@ def _hf_name(key: str) -> str:
   return key
 
 
-def our_path(key: str) -> str:
-  """A transformers state-dict key (file or in-memory layout) -> our ``/``-joined param path."""
-  name = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", _hf_name(key))
-  *mods, leaf = name.split(".")
-  base = "/".join(mods)
-  if leaf == "weight":
-    if mods and mods[-1] in NORM_MODULES:
-      leaf = "scale"
-    elif base == EMBED:
-      leaf = "embedding"
-    else:
-      leaf = "kernel"
-  return f"{base}/{leaf}" if base else leaf
-
-
 def hf_key(path: str) -> str:
   """Our param path -> the key ``save_pretrained`` writes (``language_model.model.`` layout)."""
-  parts = path.split("/")
-  *mods, leaf = parts
-  mods = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", m) for m in mods]
-  leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
-  name = ".".join([*mods, leaf])
+  name = tensors.torch_key(path, HF_LISTS)
   if name.startswith("language_model."):
     return "language_model.model." + name[len("language_model.") :]
   if name.startswith("lm_head."):
@@ -374,30 +344,37 @@ def hf_key(path: str) -> str:
   return name
 
 
-def _to_ours(path: str, x: np.ndarray) -> np.ndarray:
-  """A transformers array -> our layout (shapes that do not fit are left for ``match``)."""
-  if path == f"{PATCH_CONV}/kernel" and x.ndim == 4:
-    return x.transpose(2, 3, 1, 0)
-  if path == CLS_TOKEN and x.ndim == 3 and x.shape[:2] == (1, 1):
-    return x[0, 0]
-  if path == POSITIONS and x.ndim == 3 and x.shape[0] == 1:
-    return x[0]
-  if path.endswith("/kernel") and x.ndim == 2:
-    return x.T
-  return x
+# The parameters whose layout change is not a linear's transpose.
+HOOKS = {
+  f"{PATCH_CONV}/kernel": tensors.CONV,  # (p, p, C, D) <-> (D, C, p, p)
+  CLS_TOKEN: tensors.leading_ones(2),  # (D,) <-> (1, 1, D)
+  POSITIONS: tensors.leading_ones(1),  # (G*G + 1, D) <-> (1, G*G + 1, D)
+}
 
 
-def _to_hf(path: str, x: np.ndarray) -> np.ndarray:
-  """Inverse of ``_to_ours``."""
-  if path == f"{PATCH_CONV}/kernel":
-    return x.transpose(3, 2, 0, 1)
-  if path == CLS_TOKEN:
-    return x[None, None]
-  if path == POSITIONS:
-    return x[None]
-  if path.endswith("/kernel"):
-    return x.T
-  return x
+def _row(path: str, shape: tuple[int, ...]) -> tensors.Entry:
+  """The table row of one parameter: its key and the hook of its layout change."""
+  linear = path.endswith("/kernel") and len(shape) == 2
+  hook = HOOKS.get(path, tensors.TRANSPOSE if linear else tensors.AS_IS)
+  return tensors.Entry(hf_key(path), hook)
+
+
+def name_table(template: Mapping[str, Any]) -> tensors.Table:
+  """Our path -> (transformers key, hook) of every parameter of ``template``
+  (``abstract_params``)."""
+  return tensors.name_table(template, _row)
+
+
+def _in_memory(keys: Iterable[str], what: str) -> dict[str, str]:
+  """The in-memory name (``_hf_name``) of each file key -> the key; two keys of one name (both
+  layouts in one file) are an error."""
+  out: dict[str, str] = {}
+  for key in keys:
+    name = _hf_name(key)
+    if name in out:
+      raise ConversionError(f"{what}: keys {out[name]!r} and {key!r} both name {name!r}")
+    out[name] = key
+  return out
 
 
 def abstract_params(config: MLLMConfig, param_dtype: Any = jnp.float32) -> dict[str, Any]:
@@ -410,33 +387,6 @@ def abstract_params(config: MLLMConfig, param_dtype: Any = jnp.float32) -> dict[
   return nn.meta.unbox(boxed)
 
 
-def _match_named(
-  template: Mapping[str, Any],
-  loaded: Mapping[str, np.ndarray],
-  names: Mapping[str, str],
-  what: str,
-  dtype: Any,
-  describe: tensors.Describe | None = None,
-) -> dict[str, Any]:
-  """``tensors.match`` with the file keys of missing / unexpected params named as well (and
-  shape mismatches worded by ``describe``)."""
-  want = tensors.flatten(template)
-  unexpected = sorted(set(loaded) - set(want))
-  missing = sorted(set(want) - set(loaded))
-  tensors.raise_problems(
-    what,
-    tensors.listed("unexpected key(s)", [f"{names[k]!r} (-> {k})" for k in unexpected]),
-    tensors.listed("missing key(s)", [f"{hf_key(k)!r} (-> {k})" for k in missing]),
-  )
-  return tensors.match(template, loaded, what, dtype=dtype, describe=describe)
-
-
-def _dtype(name: str) -> Any:
-  if name not in DTYPES:
-    raise ValueError(f"dtype {name!r} unknown; choose from {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
 # ----------------------------------------------------------------------------- import / load
 
 
@@ -444,42 +394,31 @@ def read_hf(hf_dir: str, dtype: str = "float32") -> tuple[MLLMConfig, dict[str, 
   """``(MLLMConfig, params)`` of a transformers InternVL directory; params as a nested tree of
   numpy arrays in ``dtype``, checked against our model (every missing / unexpected key and shape
   mismatch is named)."""
-  np_dtype = _dtype(dtype)
+  np_dtype = dtypes.dtype(dtype, dtypes.STORAGE)
   if not os.path.isdir(hf_dir):
     raise ConversionError(f"InternVL checkpoint {hf_dir!r} is not a directory")
   cfg = tensors.read_json(os.path.join(hf_dir, CONFIG_FILE), "InternVL checkpoint config")
   if cfg.get("format") == FORMAT:
     raise ConversionError(f"{hf_dir!r} is already an imported directory (use load_internvl)")
   config = mllm_config_from_hf(cfg)
+  what = f"InternVL checkpoint {hf_dir!r}"
   origins: dict[str, str] = {}
   raw = tensors.read(hf_dir, "InternVL checkpoint", origins)
-  loaded: dict[str, np.ndarray] = {}
-  names: dict[str, str] = {}
-  for key, value in raw.items():
-    path = our_path(key)
-    if path in names:
-      raise ConversionError(
-        f"InternVL checkpoint {hf_dir!r}: keys {names[path]!r} and {key!r} both map to {path}"
-      )
-    names[path] = key
-    loaded[path] = _to_ours(path, value)
-  if config.text.tie_word_embeddings and LM_HEAD in loaded:
-    head, embed = loaded[LM_HEAD], loaded.get(f"{EMBED}/embedding")
-    if embed is not None and head.shape == embed.T.shape and np.array_equal(head, embed.T):
-      del loaded[LM_HEAD]
+  keys = _in_memory(raw, what)  # in-memory name -> the file's key
+  head, embed = (keys.get(_hf_name(hf_key(p))) for p in (LM_HEAD, EMBED))
+  if config.text.tie_word_embeddings and head is not None:
+    if embed is not None and np.array_equal(raw[head], raw[embed]):
+      raw = {k: v for k, v in raw.items() if k != head}  # the tied copy, not a parameter
     else:  # transformers 5 does not tie differing weights either
       config = dataclasses.replace(
         config, text=dataclasses.replace(config.text, tie_word_embeddings=False)
       )
   template = abstract_params(config)
-  describe = tensors.file_mismatch(names, raw, origins, _to_hf)  # the file's key, shape, layout
-  what = f"InternVL checkpoint {hf_dir!r}"
-  return config, _match_named(template, loaded, names, what, np_dtype, describe)
-
-
-def _write_config(out_dir: str, payload: dict[str, Any]) -> None:
-  """``out_dir/config.json``, atomically, in insertion order."""
-  files.write_json(os.path.join(out_dir, CONFIG_FILE), payload, sort_keys=False)
+  table = {  # each row keyed as the file keys it (either layout)
+    p: dataclasses.replace(e, key=keys.get(_hf_name(e.key), e.key))
+    for p, e in name_table(template).items()
+  }
+  return config, tensors.from_file(table, template, raw, what, origins, dtype=np_dtype)
 
 
 def import_internvl(
@@ -498,8 +437,8 @@ def import_internvl(
     os.remove(stale)
   tensors.write(os.path.join(out_dir, PARAMS_FILE), tensors.flatten(params))
   HFTokenizer.copy_files(tokenizer_dir or hf_dir, out_dir)
-  _write_config(
-    out_dir,
+  tensors.write_json(
+    os.path.join(out_dir, CONFIG_FILE),
     {
       "format": FORMAT,
       "mllm": mllm_config_to_dict(config),
@@ -512,14 +451,10 @@ def import_internvl(
 
 def is_imported(path: str) -> bool:
   """Whether ``path`` is an imported directory (``config.json`` with format ``iomm_jax.mllm``)."""
-  file = os.path.join(path, CONFIG_FILE) if path else ""
-  if not file or not os.path.isfile(file):
-    return False
-  try:
-    with open(file) as f:
-      return json.load(f).get("format") == FORMAT
-  except (json.JSONDecodeError, AttributeError):
-    return False
+  return (
+    bool(path)
+    and (tensors.peek_json(os.path.join(path, CONFIG_FILE)) or {}).get("format") == FORMAT
+  )
 
 
 def load_internvl(
@@ -540,7 +475,7 @@ def load_internvl(
   flat = tensors.read(os.path.join(ckpt_dir, PARAMS_FILE), "imported MLLM parameters")
   stored = {np.dtype(v.dtype) for v in flat.values()}
   if dtype is not None:
-    target = np.dtype(_dtype(dtype))
+    target = dtypes.dtype(dtype, dtypes.STORAGE)
   elif len(stored) == 1:
     target = stored.pop()
   else:
@@ -565,14 +500,17 @@ def export_internvl(
   ``save_pretrained``'s layout, arrays in the params' dtype); with ``tokenizer_dir``, its
   tokenizer files are copied too."""
   given = {k: np.asarray(v) for k, v in tensors.flatten(params).items()}
-  dtypes = {np.dtype(v.dtype) for v in given.values()}
-  dt = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
-  if dt not in TORCH_DTYPE_NAMES:
+  stored = {np.dtype(v.dtype) for v in given.values()}
+  dt = stored.pop() if len(stored) == 1 else np.dtype(np.float32)
+  if dtypes.name_of(dt) not in dtypes.STORAGE:
     raise ConversionError(f"export_internvl: dtype {dt} unsupported; use float32 or bfloat16")
-  tree = tensors.match(abstract_params(mllm_config), given, "export_internvl params", dtype=dt)
-  out = {hf_key(k): np.ascontiguousarray(_to_hf(k, v)) for k, v in tensors.flatten(tree).items()}
+  template = abstract_params(mllm_config)
+  tree = tensors.match(template, given, "export_internvl params", dtype=dt)
+  out = tensors.to_file(name_table(template), tensors.flatten(tree))
   os.makedirs(out_dir, exist_ok=True)
   tensors.write(os.path.join(out_dir, HF_WEIGHTS_FILE), out, metadata={"format": "pt"})
   if tokenizer_dir is not None:
     HFTokenizer.copy_files(tokenizer_dir, out_dir)
-  _write_config(out_dir, hf_config_from_mllm(mllm_config, TORCH_DTYPE_NAMES[dt]))
+  tensors.write_json(
+    os.path.join(out_dir, CONFIG_FILE), hf_config_from_mllm(mllm_config, dtypes.name_of(dt))
+  )

@@ -3,11 +3,11 @@
 * ``import_vae(diffusers_dir, out_dir)`` reads ``config.json`` + safetensors (never pickles) of a
   diffusers ``AutoencoderKL`` (``save_pretrained`` layout: ``diffusion_pytorch_model.safetensors``
   or shards listed by ``diffusion_pytorch_model.safetensors.index.json``; a pipeline directory
-  with a ``vae/`` subfolder, such as FLUX.1-dev's, is accepted too), maps every key to the Flax
-  path of ``iomm_jax.models.codec.AutoencoderKL`` (the name rule of ``codec.diffusers_key``: conv
-  kernels OIHW -> HWIO, dense kernels transposed), checks the result against the abstract params
-  of our model (``tensors.match``: missing / unexpected / shape-mismatched parameters are named,
-  with both shapes) and writes ``out_dir/params.safetensors`` (``/``-joined Flax paths) and
+  with a ``vae/`` subfolder, such as FLUX.1-dev's, is accepted too), checks every key and shape
+  against the name table (``name_table``; ``tensors.check_keys``: missing / unexpected /
+  shape-mismatched keys are named, with both shapes), brings each tensor to the Flax path and
+  layout of ``iomm_jax.models.codec.AutoencoderKL`` and writes ``out_dir/params.safetensors``
+  (``/``-joined Flax paths) and
   ``out_dir/config.json`` (the ``VAEConfig`` fields plus ``format``/``source``/``params_dtype``).
   ``config.json`` is written last and removed first, so an interrupted import never leaves a
   directory that ``load_vae`` accepts with stale or partial weights.
@@ -18,13 +18,22 @@
 * ``load_into(path, want, template, what, wanted)`` -> the converted weights at ``path``, checked
   to be the VAE ``want`` and against ``template``'s shapes. A run's ``config.model.vae_checkpoint``
   arrives here through ``assembly.context.codec_params``, which reads the config.
+
+Name table (``name_table``: our path -> diffusers key and hook; import and export read it):
+
+* path components join with ``.``; a component ``name_N`` (N digits) is the ModuleList entry
+  ``name.N``: ``encoder/down_blocks_0/resnets_1/conv1/kernel`` <->
+  ``encoder.down_blocks.0.resnets.1.conv1.weight``, ``encoder/mid_block/attentions_0/to_out_0``
+  <-> ``encoder.mid_block.attentions.0.to_out.0``, ``decoder/up_blocks_0/upsamplers_0/conv``.
+* leaves: a conv ``kernel`` is ``weight`` with the hook ``tensors.CONV`` (HWIO <-> OIHW); a dense
+  ``kernel`` (to_q/to_k/to_v/to_out_0) is ``weight`` transposed (``tensors.TRANSPOSE``); a
+  GroupNorm ``scale`` is ``weight``; ``bias`` is ``bias``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iomm_jax import files
+from iomm_jax import dtypes
 from iomm_jax.convert import tensors
 from iomm_jax.convert.tensors import ConversionError
 from iomm_jax.models import codec
@@ -45,7 +54,6 @@ CONFIG_FILE = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_CLASS = "AutoencoderKL"
 
-_PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _META_KEYS = ("format", "source", "params_dtype")
 
 # diffusers AutoencoderKL.__init__ defaults: a config.json that omits a key means this value.
@@ -187,55 +195,24 @@ def abstract_params(vae_config: codec.VAEConfig, param_dtype: Any = jnp.float32)
   return tensors.unflatten(dict(_abstract_flat(vae_config, jnp.dtype(param_dtype))))
 
 
-def _to_flax(path: str, value: np.ndarray) -> np.ndarray:
-  """A diffusers tensor in our layout (conv OIHW -> HWIO, dense weight.T); other ndims as is."""
+def diffusers_key(path: str) -> str:
+  """The diffusers key of our '/'-joined parameter path (module docstring):
+  ``encoder/down_blocks_0/resnets_1/conv1/kernel`` ->
+  ``encoder.down_blocks.0.resnets.1.conv1.weight``."""
+  return tensors.torch_key(path)
+
+
+def _row(path: str, shape: tuple[int, ...]) -> tensors.Entry:
+  """The table row of a parameter: its diffusers key; conv kernels OIHW, dense kernels (out, in)."""
+  hook = tensors.AS_IS
   if path.endswith("/kernel"):
-    if value.ndim == 4:
-      return value.transpose(2, 3, 1, 0)
-    if value.ndim == 2:
-      return value.T
-  return value
+    hook = {4: tensors.CONV, 2: tensors.TRANSPOSE}.get(len(shape), tensors.AS_IS)
+  return tensors.Entry(diffusers_key(path), hook)
 
 
-def _to_diffusers(path: str, value: np.ndarray) -> np.ndarray:
-  """Inverse of ``_to_flax``: conv HWIO -> OIHW, dense kernel.T."""
-  if path.endswith("/kernel"):
-    if value.ndim == 4:
-      return value.transpose(3, 2, 0, 1)
-    if value.ndim == 2:
-      return value.T
-  return value
-
-
-def _key_map(template: Mapping[str, Any]) -> dict[str, str]:
-  """{our '/'-joined path: diffusers key} over every parameter of ``template``."""
-  return {p: codec.diffusers_key(p.split("/")) for p in tensors.flatten(template)}
-
-
-def _match(
-  template: Mapping[str, Any],
-  loaded: Mapping[str, Any],
-  what: str,
-  names: Mapping[str, str],
-  dtype: Any = None,
-  describe: tensors.Describe | None = None,
-) -> dict[str, Any]:
-  """``tensors.match``, with the diffusers key of every missing / mismatched parameter added
-  (a mismatch that ``describe`` words, naming the file's key itself, is not repeated)."""
-  try:
-    return tensors.match(template, loaded, what, dtype=dtype, describe=describe)
-  except ConversionError as e:
-    want = tensors.flatten(template)
-    named = sorted(
-      k
-      for k in want
-      if k not in loaded
-      or (describe is None and tuple(want[k].shape) != tuple(np.shape(loaded[k])))
-    )
-    if not named:
-      raise
-    pairs = ", ".join(f"{k} = {names[k]}" for k in named[:10])
-    raise ConversionError(f"{e} | diffusers keys: {pairs}") from None
+def name_table(template: Mapping[str, Any]) -> tensors.Table:
+  """Our path -> (diffusers key, hook) of every parameter of ``template`` (``abstract_params``)."""
+  return tensors.name_table(template, _row)
 
 
 # ----------------------------------------------------------------------------- import / load
@@ -264,12 +241,7 @@ def _read_diffusers_weights(
 
 def _is_converted(config_path: str) -> bool:
   """Whether a config.json is the one ``import_vae`` writes."""
-  try:
-    with open(config_path) as f:
-      cfg = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
-  return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+  return (tensors.peek_json(config_path) or {}).get("format") == FORMAT
 
 
 def _remove(path: str) -> None:
@@ -283,10 +255,7 @@ def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> code
 
   ``dtype``: storage dtype of ``params.safetensors`` ("float32" or "bfloat16").
   """
-  if dtype not in _PARAM_DTYPES:
-    raise ConversionError(
-      f"import_vae: dtype={dtype!r} unknown; choose from {tuple(_PARAM_DTYPES)}"
-    )
+  param_dtype = dtypes.dtype(dtype, dtypes.STORAGE, "import_vae: dtype", ConversionError)
   if not os.path.isdir(diffusers_dir):
     raise ConversionError(f"VAE checkpoint {diffusers_dir!r} is not a directory")
   root = _diffusers_root(diffusers_dir)
@@ -297,13 +266,8 @@ def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> code
     raise ConversionError(f"{what}: out_dir must differ from the diffusers directory")
   origins: dict[str, str] = {}
   raw = _read_diffusers_weights(root, what, origins)
-  template = abstract_params(vae_config, _PARAM_DTYPES[dtype])
-  names = _key_map(template)
-  ours = {v: k for k, v in names.items()}
-  # Unknown keys keep their diffusers name, so match reports them as unexpected.
-  loaded = {ours.get(k, k): _to_flax(ours.get(k, k), v) for k, v in raw.items()}
-  describe = tensors.file_mismatch(names, raw, origins, _to_diffusers)  # the file's key and shape
-  params = _match(template, loaded, what, names, describe=describe)
+  template = abstract_params(vae_config, param_dtype)
+  params = tensors.from_file(name_table(template), template, raw, what, origins)
   os.makedirs(out_dir, exist_ok=True)
   config_path = os.path.join(out_dir, CONFIG_FILE)
   _remove(config_path)  # from here until the end, out_dir is not a valid checkpoint
@@ -311,7 +275,7 @@ def import_vae(diffusers_dir: str, out_dir: str, dtype: str = "float32") -> code
     os.path.join(out_dir, PARAMS_FILE), tensors.flatten(params), metadata={"format": FORMAT}
   )
   meta = {"format": FORMAT, "source": os.path.abspath(root), "params_dtype": dtype}
-  files.write_json(config_path, {**dataclasses.asdict(vae_config), **meta}, newline=True)
+  tensors.write_json(config_path, {**dataclasses.asdict(vae_config), **meta})
   return vae_config
 
 
@@ -327,17 +291,17 @@ def load_vae(ckpt_dir: str) -> tuple[codec.VAEConfig, dict[str, Any]]:
       f"{what} is not a converted VAE directory: {CONFIG_FILE} has format="
       f"{cfg.get('format')!r}, expected {FORMAT!r} (a diffusers directory needs import_vae first)"
     )
-  dtype = cfg.get("params_dtype", "float32")
-  if dtype not in _PARAM_DTYPES:
-    raise ConversionError(f"{what}: params_dtype={dtype!r} unknown")
+  param_dtype = dtypes.dtype(
+    cfg.get("params_dtype", "float32"), dtypes.STORAGE, f"{what}: params_dtype", ConversionError
+  )
   fields = {k: v for k, v in cfg.items() if k not in _META_KEYS}
   try:
     vae_config = codec.VAEConfig(**fields)
   except (TypeError, ValueError) as e:
     raise ConversionError(f"{what}: bad {CONFIG_FILE}: {e}") from e
-  template = abstract_params(vae_config, _PARAM_DTYPES[dtype])
+  template = abstract_params(vae_config, param_dtype)
   loaded = tensors.read(os.path.join(ckpt_dir, PARAMS_FILE), what)
-  return vae_config, _match(template, loaded, what, _key_map(template))
+  return vae_config, tensors.match(template, loaded, what)
 
 
 # ----------------------------------------------------------------------------- export
@@ -359,8 +323,7 @@ def export_vae(
   what = f"export_vae to {out_dir!r}"
   flat = {k: np.asarray(v) for k, v in tensors.flatten(params).items()}
   template = abstract_params(vae_config)
-  names = _key_map(template)
-  _match(template, flat, what, names)
+  tensors.match(template, flat, what)
   config = diffusers_config(vae_config, sample_size, force_upcast)
   for index in tensors.INDEXES:
     if os.path.exists(os.path.join(out_dir, index)):
@@ -370,9 +333,9 @@ def export_vae(
     raise ConversionError(f"{what}: the directory holds a converted (import_vae) VAE")
   os.makedirs(out_dir, exist_ok=True)
   _remove(config_path)
-  state = {names[k]: _to_diffusers(k, v) for k, v in flat.items()}
+  state = tensors.to_file(name_table(template), flat)
   tensors.write(os.path.join(out_dir, DIFFUSERS_WEIGHTS), state, metadata={"format": "pt"})
-  files.write_json(config_path, config, newline=True)
+  tensors.write_json(config_path, config)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -401,5 +364,5 @@ def load_into(
   if diff:
     detail = "; ".join(f"{k}: checkpoint {getattr(got, k)!r} vs {getattr(want, k)!r}" for k in diff)
     raise ConversionError(f"{what} holds a different VAE than {wanted} ({detail})")
-  loaded = _match(template, tensors.flatten(params), what, _key_map(template))
+  loaded = tensors.match(template, tensors.flatten(params), what)
   return jax.tree.map(jnp.asarray, loaded)

@@ -31,10 +31,10 @@ import math
 import os
 from typing import Any
 
-import ml_dtypes
 import msgpack
 import numpy as np
 
+from iomm_jax import dtypes
 from iomm_jax.data import records
 
 FORMAT = "iomm-features"
@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 MANIFEST = records.MANIFEST
 SETTINGS = "features.json"
 VISION, MEAN, STD = "vision", "latent_mean", "latent_std"
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+DTYPES = {n: dtypes.DTYPES[n] for n in ("bfloat16", "float32")}  # the cache's choices
 RECORD_ENCODING = (
   "msgpack {key: str, caption: str|null, vision, latent_mean[, latent_std]: raw little-endian "
   "arrays of the shapes and dtype in 'arrays'} or {key, bad: reason} for an undecodable record"
@@ -55,8 +55,7 @@ def array_specs(
   num_tokens: int, width: int, latent_shape: tuple[int, int, int], has_std: bool, dtype: str
 ) -> Specs:
   """The arrays of one record: vision [P, D], latent_mean [h, w, C] (+ latent_std, a VAE)."""
-  if dtype not in DTYPES:
-    raise ValueError(f"feature dtype {dtype!r} unknown; choose from {tuple(DTYPES)}")
+  dtypes.dtype(dtype, tuple(DTYPES), "feature dtype")
   latent = tuple(int(n) for n in latent_shape)
   out = [(VISION, (int(num_tokens), int(width)), dtype), (MEAN, latent, dtype)]
   if has_std:

@@ -14,16 +14,9 @@
 
 Layout: activations are NHWC, convolution kernels HWIO (kh, kw, in, out), dense kernels (in, out).
 
-Parameter names mirror the diffusers state dict, so importing real weights is a name map plus
-transposes (``diffusers_key`` implements the name rule):
-
-* path components join with ``.``; a component ``name_N`` (N digits) is the ModuleList entry
-  ``name.N``: ``encoder/down_blocks_0/resnets_1/conv1/kernel`` <->
-  ``encoder.down_blocks.0.resnets.1.conv1.weight``, ``encoder/mid_block/attentions_0/to_out_0``
-  <-> ``encoder.mid_block.attentions.0.to_out.0``, ``decoder/up_blocks_0/upsamplers_0/conv``.
-* leaves: a conv ``kernel`` is ``weight`` transposed OIHW -> HWIO (``w.transpose(2, 3, 1, 0)``);
-  a dense ``kernel`` (to_q/to_k/to_v/to_out_0) is ``weight.T``; a GroupNorm ``scale`` is
-  ``weight``; ``bias`` is ``bias``.
+Parameter names are diffusers' module names (``<name>_<i>`` for its ModuleList entry
+``<name>.<i>``), so the name table of ``convert.vae`` (which owns the diffusers keys and the
+kernel transposes) maps them one to one.
 
 Every parameter carries logical axis names: conv kernels (conv_h, conv_w, conv_in, conv_out), conv
 biases (conv_out,), GroupNorm scale/bias (norm,), attention projections (embed, heads) and
@@ -34,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,14 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iomm_jax import dtypes
 from iomm_jax.models import layers
 from iomm_jax.models.layers import Dense, Dtype
 
 Params = Any
 
 # ----------------------------------------------------------------------------- config
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,8 +98,7 @@ class VAEConfig:
       )
     if not math.isfinite(self.shift_factor):
       raise ValueError(f"VAEConfig.shift_factor must be finite, got {self.shift_factor}")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"VAEConfig.dtype={self.dtype!r} unknown; choose from {tuple(_DTYPES)}")
+    dtypes.dtype(self.dtype, what="VAEConfig.dtype")
 
   @property
   def downsample(self) -> int:
@@ -373,7 +363,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=_DTYPES[c.dtype], param_dtype=self.param_dtype)
+    kw = dict(dtype=dtypes.DTYPES[c.dtype], param_dtype=self.param_dtype)
     blocks = c.block_out_channels
     x = Conv(blocks[0], 3, padding=1, name="conv_in", **kw)(x)
     for i, ch in enumerate(blocks):
@@ -402,7 +392,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=_DTYPES[c.dtype], param_dtype=self.param_dtype)
+    kw = dict(dtype=dtypes.DTYPES[c.dtype], param_dtype=self.param_dtype)
     rev = tuple(reversed(c.block_out_channels))
     x = Conv(rev[0], 3, padding=1, name="conv_in", **kw)(z)
     x = UNetMidBlock2D(
@@ -437,7 +427,7 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=_DTYPES[c.dtype], param_dtype=self.param_dtype)
+    kw = dict(dtype=dtypes.DTYPES[c.dtype], param_dtype=self.param_dtype)
     self.encoder = Encoder(c, self.param_dtype)
     self.decoder = Decoder(c, self.param_dtype)
     if c.use_quant_conv:
@@ -464,18 +454,6 @@ class AutoencoderKL(nn.Module):
     mean, logvar = self.encode(x)
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self.decode(z), mean, logvar
-
-
-def diffusers_key(path: Sequence[str]) -> str:
-  """diffusers state-dict key of a Flax parameter path (see the module docstring).
-
-  ("encoder", "down_blocks_0", "resnets_1", "conv1", "kernel") ->
-  "encoder.down_blocks.0.resnets.1.conv1.weight". The transpose is the caller's: conv kernels
-  OIHW -> HWIO, dense kernels weight.T.
-  """
-  *mods, leaf = path
-  parts = [re.sub(r"_(\d+)$", r".\1", m) for m in mods]
-  return ".".join(parts + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
 
 
 # ----------------------------------------------------------------------------- codecs

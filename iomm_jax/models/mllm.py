@@ -20,23 +20,9 @@ OpenGVLab/InternVL3-2B-hf):
 The image placeholder tokens (``image_token_id``) in the text are replaced, in order, by the
 projected image tokens before the language model runs (``merge_image_tokens``).
 
-Parameter names mirror the transformers state dict, so importing a checkpoint is a name map
-(the converter itself is a separate module). For a key of ``InternVLForConditionalGeneration``:
-
-1. drop a leading ``model.`` (files on disk, the hub's and those transformers 5's
-   ``save_pretrained`` writes, use ``language_model.model.`` for ``language_model.`` and
-   ``language_model.lm_head`` for ``lm_head``: map those first; ``convert/internvl.py`` reads both);
-2. ``.<i>.`` list indices become ``_<i>`` suffixes and the remaining dots become ``/``;
-3. the leaf ``weight`` becomes ``kernel`` for linear layers (transposed: (out, in) -> (in, out)),
-   ``scale`` for LayerNorm/RMSNorm, ``embedding`` for ``embed_tokens``; ``bias`` stays; the patch
-   ``projection.weight`` (D, C, p, p) becomes ``kernel`` (p, p, C, D) (transpose (2, 3, 1, 0));
-   ``cls_token`` (1, 1, D) -> (D,) and ``position_embeddings`` (1, G*G + 1, D) -> (G*G + 1, D)
-   drop their leading singleton axes; ``lambda_1`` / ``lambda_2`` keep their names.
-
-e.g. ``model.vision_tower.encoder.layer.3.attention.q_proj.weight`` ->
-``vision_tower/encoder/layer_3/attention/q_proj/kernel`` (transposed),
-``model.language_model.layers.0.input_layernorm.weight`` ->
-``language_model/layers_0/input_layernorm/scale``, ``lm_head.weight`` -> ``lm_head/kernel``.
+Parameter names are transformers' module names (``layer_<i>`` / ``layers_<i>`` for its list
+entries), so the name table of ``convert.internvl`` (which owns the transformers keys and the
+layout changes) maps them one to one.
 
 Every parameter carries logical axis names (see ``layers.LOGICAL_AXES``). Norms and softmax run in
 float32; matmuls run in ``dtype``; logits come out in float32.

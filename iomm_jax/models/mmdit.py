@@ -14,21 +14,8 @@ Architecture (paper.md §2.5: "MM-DiT ... as implemented in FLUX"):
   * RoPE: 3-axis (``axes_dims_rope``, theta 10000) on ``[txt_ids; img_ids]``, rotating adjacent
     pairs (x[2i], x[2i+1]) of queries and keys after QK-norm.
 
-Name map to diffusers state-dict keys (deterministic, see ``to_diffusers_key``):
-  * join the Flax path with ``.``;
-  * a path segment ``<list>_<i>`` whose ``<list>`` is one of the torch ``ModuleList`` names
-    ``transformer_blocks``, ``single_transformer_blocks``, ``to_out``, ``net`` becomes
-    ``<list>.<i>``; every other segment is kept verbatim (``linear_1`` stays ``linear_1``);
-  * leaf ``kernel`` -> ``weight`` *transposed* ((in, out) here, (out, in) in torch); ``bias`` ->
-    ``bias``; RMSNorm ``scale`` -> ``weight``.
-  e.g. (Flax -> diffusers)
-    ``transformer_blocks_0/attn/to_out_0/kernel`` -> ``transformer_blocks.0.attn.to_out.0.weight``
-    ``transformer_blocks_3/ff/net_0/proj/bias`` -> ``transformer_blocks.3.ff.net.0.proj.bias``
-    ``time_text_embed/timestep_embedder/linear_1/kernel``
-      -> ``time_text_embed.timestep_embedder.linear_1.weight``
-    ``single_transformer_blocks_7/attn/norm_q/scale``
-      -> ``single_transformer_blocks.7.attn.norm_q.weight``
-  Parameter-free norms (``norm2``, ``norm2_context``, the LayerNorms inside adaLN) have no keys.
+Parameter names are diffusers' module names (``<list>_<i>`` for its ``<list>.<i>``), so the
+name table of ``convert.flux`` (which owns the diffusers keys) maps them one to one.
 
 LoRA (``MMDiT.lora``, a ``LoRAConfig``; ``config.model.lora``): the block projections named by
 ``LoRAConfig.targets`` get ``layers.Dense``'s ``lora_rank`` (same ``kernel`` / ``bias`` plus
@@ -46,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -431,18 +417,6 @@ def image_ids(batch: int, hp: int, wp: int) -> jax.Array:
 def text_ids(batch: int, length: int) -> jax.Array:
   """[B, L, 3] float32 zeros: condition tokens carry no position (as in FLUX)."""
   return jnp.zeros((batch, length, 3), jnp.float32)
-
-
-_TORCH_LISTS = ("transformer_blocks", "single_transformer_blocks", "to_out", "net")
-_LIST_SEGMENT = re.compile(rf"^({'|'.join(_TORCH_LISTS)})_(\d+)$")
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-def to_diffusers_key(path: Sequence[str]) -> str:
-  """The diffusers state-dict key of a Flax parameter path (kernels are transposed there)."""
-  *mods, leaf = path
-  mods = [_LIST_SEGMENT.sub(r"\1.\2", m) for m in mods]
-  return ".".join([*mods, _LEAF_NAMES[leaf]])
 
 
 # ----------------------------------------------------------------------------- embeddings

@@ -338,7 +338,7 @@ def test_shape_mismatch_names_both_shapes(models, tmp_path):
   assert "encoder/conv_in/kernel" in msg and "encoder.conv_in.weight" in msg
   assert "(3, 3, 3, 8)" in msg and "(3, 3, 3, 16)" in msg
   # the file's own key, file and shape, and the shape expected in the file's layout
-  want = "'encoder.conv_in.weight' in {} has shape (16, 3, 3, 3); the model expects (8, 3, 3, 3)"
+  want = "'encoder.conv_in.weight' in {} has shape (16, 3, 3, 3), ours is (8, 3, 3, 3)"
   assert want.format(vae.DIFFUSERS_WEIGHTS) in msg
 
 

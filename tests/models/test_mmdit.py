@@ -1,5 +1,6 @@
-"""Tests of the MM-DiT generator: shapes, logical axes, the diffusers name map, latent packing,
-parameter counts of the B / L variants, joint attention and config validation."""
+"""Tests of the MM-DiT generator: shapes, logical axes, latent packing, parameter counts of the
+B / L variants, joint attention and config validation (its diffusers names:
+``tests/convert/test_names.py``)."""
 
 from __future__ import annotations
 
@@ -129,15 +130,6 @@ def _expected_diffusers_shapes(cfg: mmdit.MMDiTConfig) -> dict[str, tuple[int, .
   linear("norm_out.linear", d, 2 * d)
   linear("proj_out", d, cfg.out_features)
   return shapes
-
-
-def test_names_map_one_to_one_onto_diffusers_keys(tiny):
-  params = tiny["variables"]["params"]
-  got = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-    key = mmdit.to_diffusers_key([p.key for p in path])
-    got[key] = value.shape[::-1]  # Dense kernels are the transpose of torch weights
-  assert got == _expected_diffusers_shapes(tiny["cfg"])
 
 
 def test_pack_latents_order_matches_flux_pipeline():
