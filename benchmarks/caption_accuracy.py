@@ -44,6 +44,7 @@ import numpy as np
 
 from iomm_jax import chat, runtime
 from iomm_jax.assembly import workdirs
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.train import mllm as mllm_train
@@ -132,7 +133,7 @@ def main():
   t0 = time.time()
   config, trained = ensure_trained(a.config, a.workdir)
   t_train = time.time() - t0
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   scenes = [
     shapes.sample_scene(np.random.default_rng((EVAL_STREAM, a.seed, i)), world)
     for i in range(a.num_images)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iomm_jax import checkpointing, inference, runtime
+from iomm_jax.configs import specs
 from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.eval import shapes_editing
 from iomm_jax.train import steps
@@ -42,7 +43,7 @@ def loss_fns(config, ctx) -> dict[float, Callable]:
   for ratio in RATIOS:
     c = config.copy_and_resolve_references()
     c.diffusion.mask_ratio, c.diffusion.cond_dropout = ratio, 0.0
-    out[ratio] = jax.jit(steps.generator_loss_fn(ctx.model, c, *null))
+    out[ratio] = jax.jit(steps.generator_loss_fn(ctx.model, specs.from_config(c), *null))
   return out
 
 
@@ -50,8 +51,13 @@ def probe_images(config, num_images: int, seed: int = 0) -> np.ndarray:
   """uint8 [N, S, S, 3]: fresh shapes-world scenes, or (a run on its own data) up to
   ``num_images`` of its held-out records (``data.holdout_records``; never trained on)."""
   if config.data.source != "shapes":
-    return np.stack([image for image, _ in sources.heldout(config, num_images, captioned=False)])
-  world = pipeline.world_from_config(config)
+    return np.stack(
+      [
+        image
+        for image, _ in sources.heldout(specs.from_config(config), num_images, captioned=False)
+      ]
+    )
+  world = pipeline.shapes_world(specs.from_config(config).data)
   rng = np.random.default_rng(seed)
   return np.stack(
     [shapes.render(shapes.sample_scene(rng, world), world) for _ in range(num_images)]

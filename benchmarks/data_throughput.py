@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from iomm_jax import runtime
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import inputs, pipeline, prepare
 from iomm_jax.data import shapes as S
@@ -80,7 +81,7 @@ def bench_loader(out: str, resolution: int, workers: int, batch: int, n: int) ->
   world = S.WorldConfig(canvas=24, grid=2)
   tok = Tokenizer.train(S.all_caption_corpus(world) + [AUX], 256, None)
   cond = pipeline.Conditioner(tok, num_image_tokens=16, aux_prompt=AUX, max_text_len=24)
-  it = iter(pipeline.make_dataset(c, cond))
+  it = iter(pipeline.make_dataset(specs.from_config(c), cond))
   for _ in range(2):  # worker start-up and the first reads
     next(it)
   t = time.perf_counter()

@@ -70,11 +70,12 @@ def main() -> None:
   p.add_argument("--out", default="runs/edit_score")
   a = p.parse_args()
   from iomm_jax.assembly import workdirs
+  from iomm_jax.configs import specs
   from iomm_jax.data import pipeline
   from iomm_jax.eval import shapes_editing
 
   config = workdirs.load_workdir_config(a.workdir[0])
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   tasks = shapes_editing.make_tasks(world, a.per_kind, a.seed)
   edits = write_tasks(tasks, world, a.out)
   rows = []

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.models import mmdit
 from iomm_jax.optim import make_optimizer
@@ -70,7 +71,7 @@ def bench(size: str, attention: str, batch: int, side: int, txt_len: int, n: int
     v = model.apply({"params": p}, **b["x"])
     return jnp.mean(jnp.square(v - b["target"])), {}
 
-  opt_cfg = get_base_config().optim  # AdamW (0.9, 0.95), lr 1e-4, clip 1.0, wd 0
+  opt_cfg = specs.from_config(get_base_config()).optim  # AdamW (0.9, 0.95), lr 1e-4, clip 1.0
   optimizer, schedule = make_optimizer(opt_cfg, 1000)
   train_step = steps.make_train_step(loss_fn, optimizer, schedule, 0.999, False)
   step = jax.jit(train_step, donate_argnums=(0,))

@@ -31,6 +31,7 @@ import optax
 
 from iomm_jax import runtime
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import iomm
 from iomm_jax.optim import make_optimizer
@@ -66,7 +67,7 @@ def main():
   c.train.batch_size = a.batch
   ctx = context.build(c)
   null = [jnp.asarray(x) for x in ctx.conditioner.null_condition()]
-  loss_fn = steps.generator_loss_fn(ctx.model, c, *null)
+  loss_fn = steps.generator_loss_fn(ctx.model, specs.from_config(c), *null)
   cond_len = ctx.conditioner.cond_len
   params = jax.jit(lambda: nn.meta.unbox(iomm.init_trainable(ctx.model, 0, cond_len)))()
   s, rng = c.model.image_size, np.random.default_rng(0)
@@ -77,7 +78,7 @@ def main():
     "cond_valid": jnp.asarray(np.tile(valid, (a.batch, 1))),
     "is_image_only": jnp.ones((a.batch,), bool),
   }
-  optimizer, schedule = make_optimizer(c.optim, 1000)
+  optimizer, schedule = make_optimizer(specs.from_config(c).optim, 1000)
   key = jax.random.key(0)
   rows = []
 

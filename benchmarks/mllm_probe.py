@@ -38,6 +38,7 @@ import optax
 
 from iomm_jax import runtime
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.diffusion import masking
@@ -175,7 +176,7 @@ def run(mllm: str, random_init: bool, n_train: int, n_test: int, seed: int = 0) 
   overrides = {"model.mllm_from": mllm} if not random_init else {"model.mllm_init": "random"}
   config = load_config(os.path.join(ROOT, "experiments", "shapes", "pretrain.py"), overrides)
   ctx = context.build(config)
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   rng = np.random.default_rng(seed)
   scenes = [shapes.sample_scene(rng, world) for _ in range(n_train + n_test)]
   feats, targets = image_features(ctx, scenes, world, seed), image_targets(scenes, world)

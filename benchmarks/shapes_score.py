@@ -22,18 +22,19 @@ import json
 import numpy as np
 
 from iomm_jax import inference, runtime
+from iomm_jax.configs import specs
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector, shapes_geneval
 
 
 def colour_diagnostics(config, ctx, params, seed: int) -> dict[str, float]:
   """Colour match, empty and recognised shares over single-object colour prompts."""
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   prompts = [
     f"a photo of {shapes.article(c)} {c} {s}" for c in world.colors for s in world.shapes
     for _ in range(4)
   ]  # fmt: skip
-  imgs = inference.sample_prompts(config, ctx, params, prompts, seed)
+  imgs = inference.sample_prompts(specs.from_config(config).sample, ctx, params, prompts, seed)
   match = empty = named = 0
   for prompt, img in zip(prompts, imgs):
     seg = shapes_detector.segment(img, world)

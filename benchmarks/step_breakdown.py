@@ -38,6 +38,7 @@ import optax
 
 from iomm_jax import runtime
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.data import pipeline
 from iomm_jax.diffusion import flow, masking
@@ -74,7 +75,7 @@ def breakdown(stage: str, batch: int, n: int, overrides: dict) -> dict[str, floa
   )
   ctx = context.build(config)
   model, frozen = ctx.model, ctx.frozen
-  it = iter(pipeline.make_dataset(config, ctx.conditioner))
+  it = iter(pipeline.make_dataset(specs.from_config(config), ctx.conditioner))
   host = next(it)
   data = {k: jnp.asarray(v) for k, v in host.items()}
   null_ids, null_valid = (jnp.asarray(a) for a in ctx.conditioner.null_condition())
@@ -117,8 +118,10 @@ def breakdown(stage: str, batch: int, n: int, overrides: dict) -> dict[str, floa
   gargs = (params["generator"], pair["x_t"], t, ctx0, pooled0, pair["target"])
   out["generator"] = _median_time(lambda: jax.block_until_ready(gen_grad(*gargs)), n)
 
-  loss_fn = steps.generator_loss_fn(model, config, null_ids, null_valid)
-  optimizer, step = loop.make_jitted_step(loss_fn, config, config.train.num_steps)
+  loss_fn = steps.generator_loss_fn(model, specs.from_config(config), null_ids, null_valid)
+  optimizer, step = loop.make_jitted_step(
+    loss_fn, specs.from_config(config), config.train.num_steps
+  )
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
 
   @jax.jit

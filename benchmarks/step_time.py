@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from iomm_jax import runtime
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
@@ -41,11 +42,13 @@ def time_step(batch: int, factor: int, n: int, canvas: int = 0) -> tuple[float, 
     },
   )
   ctx = context.build(c)
-  it = iter(pipeline.make_dataset(c, ctx.conditioner))
+  it = iter(pipeline.make_dataset(specs.from_config(c), ctx.conditioner))
   null_ids, null_valid = ctx.conditioner.null_condition()
-  loss_fn = steps.generator_loss_fn(ctx.model, c, jnp.asarray(null_ids), jnp.asarray(null_valid))
+  loss_fn = steps.generator_loss_fn(
+    ctx.model, specs.from_config(c), jnp.asarray(null_ids), jnp.asarray(null_valid)
+  )
   params = nn.meta.unbox(iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
-  opt, step = loop.make_jitted_step(loss_fn, c, 1000)
+  opt, step = loop.make_jitted_step(loss_fn, specs.from_config(c), 1000)
   state, rng = steps.create_state(params, opt), jax.random.key(0)
 
   def run(k):

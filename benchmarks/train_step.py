@@ -42,6 +42,7 @@ import numpy as np
 
 from iomm_jax import perf, runtime
 from iomm_jax.assembly import context, workdirs
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config, parse_overrides
 from iomm_jax.models import iomm
 from iomm_jax.train import cache, loop, steps
@@ -113,11 +114,11 @@ def _step_and_inputs(ctx, config, batch: int, features: str):
   """(jitted step, state, batch) of a stage at ``batch`` rows, online or cached features."""
   null_ids, null_valid = ctx.conditioner.null_condition()
   loss_fn = steps.generator_loss_fn(
-    ctx.model, config, jnp.asarray(null_ids), jnp.asarray(null_valid)
+    ctx.model, specs.from_config(config), jnp.asarray(null_ids), jnp.asarray(null_valid)
   )
   cond_len = ctx.conditioner.cond_len
   params = jax.jit(lambda: nn.meta.unbox(iomm.init_trainable(ctx.model, 0, cond_len)))()
-  optimizer, step = loop.make_jitted_step(loss_fn, config, 1000)
+  optimizer, step = loop.make_jitted_step(loss_fn, specs.from_config(config), 1000)
   state = steps.create_state(params, optimizer, workdirs.keeps_ema(config))
   rng = np.random.default_rng(0)
   host = synthetic_batch(ctx, config, batch, rng)

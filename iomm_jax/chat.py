@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iomm_jax.configs import specs
 from iomm_jax.convert import internvl
 from iomm_jax.data.hf_tokenizer import HFTokenizer
 from iomm_jax.data.tokenizer import TextTokenizer, Tokenizer
@@ -179,7 +180,7 @@ def _load_stage0(path: str) -> ChatModel:
   if not os.path.isfile(tok_path):
     raise FileNotFoundError(f"--mllm {path!r} has no {context.TOKENIZER_FILE}")
   tok = Tokenizer.load(tok_path)
-  built = iomm.build(config, tok.vocab_size, tok.img_context_id)
+  built = iomm.build(specs.from_config(config).model, tok.vocab_size, tok.img_context_id)
   boxed = jax.eval_shape(lambda: iomm.init_mllm(built, context.MLLM_SEED))
   params = nn.meta.unbox(context.restore_params(path, boxed))
   return ChatModel(built.mllm.clone(remat="none"), params, tok, False, path)

@@ -31,6 +31,7 @@ import os
 import numpy as np
 
 from iomm_jax import inference
+from iomm_jax.configs import specs
 from iomm_jax.data import benchmark_format, decode, pipeline
 
 
@@ -86,7 +87,15 @@ def edit(
     raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
   ids, valid = edit_conditions(ctx.conditioner, instructions)
   return inference.sample(
-    config, ctx, params, ids, valid, seed, images=np.asarray(sources), mask_ratio=mask_ratio, **kw
+    specs.from_config(config).sample,
+    ctx,
+    params,
+    ids,
+    valid,
+    seed,
+    images=np.asarray(sources),
+    mask_ratio=mask_ratio,
+    **kw,
   )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from iomm_jax import sharding
+from iomm_jax.configs import specs
 from iomm_jax.diffusion import masking, sampling
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
@@ -161,11 +162,8 @@ def generate(
   null_ids: np.ndarray,
   null_valid: np.ndarray,
   rng: jax.Array,
+  sampler: specs.SampleSpec,
   *,
-  num_steps: int = 25,
-  solver: str = "euler",
-  cfg_scale: float = 4.0,
-  shift: float = 1.0,
   images: np.ndarray | None = None,
   mask_ratio: float = 0.0,
   batch_size: int = 32,
@@ -174,6 +172,7 @@ def generate(
   """Generates one image per condition row; returns uint8 [B, H, W, 3] (on every process).
 
   Args:
+    sampler: the ODE's steps, solver, guidance scale and time shift (``config.sample``'s spec).
     cond_ids / cond_valid: [B, L] tokenised conditions (text prompts, or image conditions whose
       image-context positions take the tokens of ``images``).
     null_ids / null_valid: [L0] the unconditional prompt (for guidance).
@@ -200,7 +199,10 @@ def generate(
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   chunks = _chunks(model, cond_ids, cond_valid, rng, images, mask_ratio, batch_size)
   settings = dict(
-    num_steps=num_steps, solver=solver, cfg_scale=float(cfg_scale), shift=float(shift)
+    num_steps=sampler.num_steps,
+    solver=sampler.solver,
+    cfg_scale=float(sampler.cfg_scale),
+    shift=float(sampler.shift),
   )
   impl = jax.random.key_impl(rng)
   if mesh is not None:

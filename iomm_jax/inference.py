@@ -9,6 +9,7 @@ call (``generate.generate``), with images byte-identical to a one-device run's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from jax.sharding import Mesh
 
 from iomm_jax import generate, sharding
 from iomm_jax.assembly import context, workdirs
+from iomm_jax.configs import specs
 from iomm_jax.models import iomm
 
 
@@ -59,7 +61,7 @@ def load_generator(
 
 
 def sample(
-  config,
+  sampler: specs.SampleSpec,
   ctx,
   params,
   ids: np.ndarray,
@@ -72,24 +74,29 @@ def sample(
   mesh: Mesh | None = None,
   **condition,
 ) -> np.ndarray:
-  """uint8 images, one per condition row, with ``config.sample``'s settings unless overridden;
+  """uint8 images, one per condition row, with the ``sampler`` spec's settings (the run's
+  ``config.sample``: ``specs.from_config(config).sample``) unless overridden;
   ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows). ``seed``: an int,
   or one PRNG key per row (``generate.generate``'s per-row noise). ``batch_size`` rows per call
   on each device; ``mesh``: the devices to split the calls over (``generate.generate``)."""
-  s = config.sample
+  s = sampler
+  sampler = dataclasses.replace(
+    s,
+    num_steps=steps or s.num_steps,
+    solver=solver or s.solver,
+    cfg_scale=s.cfg_scale if cfg is None else float(cfg),
+  )
   null_ids, null_valid = ctx.conditioner.null_condition()
   return generate.generate(
     ctx.model, params, ctx.frozen, ids, valid, null_ids, null_valid,
-    jax.random.key(seed) if isinstance(seed, int) else seed,
-    num_steps=steps or s.num_steps, solver=solver or s.solver,
-    cfg_scale=s.cfg_scale if cfg is None else cfg, shift=s.shift, batch_size=batch_size,
-    mesh=mesh, **condition,
+    jax.random.key(seed) if isinstance(seed, int) else seed, sampler,
+    batch_size=batch_size, mesh=mesh, **condition,
   )  # fmt: skip
 
 
 def sample_prompts(
-  config, ctx, params, prompts: list[str], seed: int | jax.Array, **kw
+  sampler: specs.SampleSpec, ctx, params, prompts: list[str], seed: int | jax.Array, **kw
 ) -> np.ndarray:
   """uint8 [len(prompts), H, W, 3] images, one per text prompt (``kw`` as in ``sample``)."""
   ids, valid = ctx.conditioner.text_conditions(prompts)
-  return sample(config, ctx, params, ids, valid, seed, **kw)
+  return sample(sampler, ctx, params, ids, valid, seed, **kw)

@@ -3,14 +3,15 @@ global-norm clip 1.0, weight decay 0; Muon as an option (IOMM-XL); warmup + cons
 
 from __future__ import annotations
 
-import ml_collections
 import optax
+
+from iomm_jax.configs import specs
 
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "muon")
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+def make_schedule(cfg: specs.OptimSpec, num_steps: int) -> optax.Schedule:
   """Linear warmup for ``cfg.warmup_steps``, then constant, cosine or linear decay to
   ``cfg.lr * cfg.final_lr_fraction`` at ``num_steps``."""
   if cfg.schedule not in SCHEDULES:
@@ -30,9 +31,10 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
 
 
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, num_steps: int
+  cfg: specs.OptimSpec, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimiser chain (clip, then AdamW or Muon) and its schedule, from ``config.optim``."""
+  """The optimiser chain (clip, then AdamW or Muon) and its schedule, from the spec of
+  ``config.optim``."""
   schedule = make_schedule(cfg, num_steps)
   if cfg.name == "adamw":
     opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -7,14 +7,16 @@ import optax
 import pytest
 
 from iomm_jax import optim
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 
 
 def _cfg(**kw):
-  c = get_base_config().optim
+  """The spec of the base config's ``optim`` with ``kw`` set."""
+  c = get_base_config()
   for k, v in kw.items():
-    c[k] = v
-  return c
+    c.optim[k] = v
+  return specs.from_config(c).optim
 
 
 def test_paper_defaults():

@@ -28,6 +28,7 @@ import ml_collections
 
 from iomm_jax import checkpointing, runtime, sharding
 from iomm_jax.assembly import workdirs
+from iomm_jax.configs import specs
 from iomm_jax.convert import flux, internvl, tensors
 from iomm_jax.convert import vae as vae_convert
 from iomm_jax.data import pipeline, shapes, sources
@@ -39,9 +40,6 @@ from iomm_jax.models import mllm as mllm_lib
 from iomm_jax.models import mmdit as mmdit_lib
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_VOCAB = (
-  256  # default soft limit (config.model.tokenizer_vocab): shapes words are whole pieces
-)
 MLLM_SEED = 17  # offset of the MLLM's init seed from config.seed
 HF_TOKENIZER_DIR = "hf_tokenizer"  # workdir copy of an imported MLLM's tokenizer files
 FROM_CHECKPOINT = "from_checkpoint"  # config.model.mllm: the imported checkpoint's own config
@@ -63,8 +61,9 @@ def train_tokenizer(config: ml_collections.ConfigDict, path: str) -> Tokenizer:
   the shapes caption grammar (``data.source = "shapes"``) or on the captions of the run's
   training records (own data; held-out records excluded), plus the auxiliary prompt, with a
   soft vocabulary of ``config.model.tokenizer_vocab`` pieces."""
-  m = config.model
-  given = m.get("tokenizer_from", "")
+  spec = specs.from_config(config)
+  m = spec.model
+  given = m.tokenizer_from
   if given:
     file = os.path.join(given, TOKENIZER_FILE) if os.path.isdir(given) else given
     if not os.path.isfile(file):
@@ -78,17 +77,16 @@ def train_tokenizer(config: ml_collections.ConfigDict, path: str) -> Tokenizer:
     if path:
       tok.save(path)
     return tok
-  if config.data.source == "shapes":
-    corpus = shapes.all_caption_corpus(pipeline.world_from_config(config))
+  if spec.data.source == "shapes":
+    corpus = shapes.all_caption_corpus(pipeline.shapes_world(spec.data))
   else:
-    corpus = sources.caption_corpus(config)
+    corpus = sources.caption_corpus(spec)
     if not corpus:
       raise ValueError(
         f"config.data.path={config.data.path!r} has no captioned training record to train the "
         "tokenizer on: caption the data, or set config.model.tokenizer_from"
       )
-  vocab = int(m.get("tokenizer_vocab", TOKENIZER_VOCAB))
-  return Tokenizer.train(corpus + [m.aux_prompt], vocab, path or None)
+  return Tokenizer.train(corpus + [m.aux_prompt], m.tokenizer_vocab, path or None)
 
 
 def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -190,10 +188,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
 
   With ``workdir``, the tokenizer is copied there (so the workdir alone can be sampled later).
   """
-  m = config.model
+  spec = specs.from_config(config)
+  m = spec.model
   imported = m.mllm_init == "checkpoint" and internvl.is_imported(m.mllm_from)
   if imported:  # an off-the-shelf InternVL3 written by convert.internvl.import_internvl
-    tokenizer, model, mllm = _load_imported(config, workdir)
+    tokenizer, model, mllm = _load_imported(m, workdir)
   elif m.mllm_init == "checkpoint":
     src = checkpointing.find_checkpoint_dir(m.mllm_from, "config.model.mllm_from")
     tok_path = os.path.join(src, TOKENIZER_FILE)
@@ -213,13 +212,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
     if os.path.abspath(tok_path) != os.path.abspath(dst):
       shutil.copyfile(tok_path, dst)
   if not imported:
-    model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
+    model = iomm.build(m, tokenizer.vocab_size, tokenizer.img_context_id)
     if m.mllm_init == "checkpoint":  # only the shapes of an init are needed to restore
       mllm = restore_params(m.mllm_from, jax.eval_shape(lambda: iomm.init_mllm(model, MLLM_SEED)))
     else:
-      mllm = nn.meta.unbox(iomm.init_mllm(model, config.seed + MLLM_SEED))
+      mllm = nn.meta.unbox(iomm.init_mllm(model, spec.seed + MLLM_SEED))
   codec = init_codec_params(  # converted VAE weights when model.vae_checkpoint is set
-    config, model.codec, iomm.init_key(config.seed + 23), model.image_size
+    config, model.codec, iomm.init_key(spec.seed + 23), model.image_size
   )
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, m.aux_prompt, m.max_text_len
@@ -235,8 +234,8 @@ def codec_params(config: ml_collections.ConfigDict, template: Any) -> Any:
   Raises ``ConversionError`` when a checkpoint is set for a non-VAE codec, or when it holds
   another VAE than ``config.model.vae`` (both named, with the fields).
   """
-  m = config.model
-  path = m.get("vae_checkpoint", "") or ""
+  m = specs.from_config(config).model
+  path = m.vae_checkpoint
   if not path:
     return template
   if m.codec != "vae":
@@ -266,7 +265,7 @@ def init_codec_params(
   """A run's codec params: ``latent_codec.init_params(rng, image_size)``, or, when
   ``config.model.vae_checkpoint`` is set, the converted weights (no random init is computed;
   only its shapes are traced)."""
-  if not (config.model.get("vae_checkpoint", "") or ""):
+  if not specs.from_config(config).model.vae_checkpoint:
     return latent_codec.init_params(rng, image_size)
   template = jax.eval_shape(lambda key: latent_codec.init_params(key, image_size), rng)
   return codec_params(config, template)
@@ -283,12 +282,10 @@ def _config_diff(variant: mllm_lib.MLLMConfig, ckpt: mllm_lib.MLLMConfig) -> lis
   ]
 
 
-def _load_imported(
-  config: ml_collections.ConfigDict, workdir: str | None
-) -> tuple[HFTokenizer, iomm.IOMM, Any]:
+def _load_imported(m: specs.ModelSpec, workdir: str | None) -> tuple[HFTokenizer, iomm.IOMM, Any]:
   """Tokenizer, model and MLLM parameters (in ``config.model.mllm_dtype``) of an imported InternVL
-  directory ``config.model.mllm_from``; with ``workdir``, the tokenizer is saved there too."""
-  m = config.model
+  directory ``config.model.mllm_from`` (``m``: the model spec); with ``workdir``, the tokenizer
+  is saved there too."""
   ckpt_cfg, params, tokenizer = internvl.load_internvl(m.mllm_from)
   if tokenizer is None:
     raise FileNotFoundError(
@@ -308,7 +305,7 @@ def _load_imported(
   if workdir and jax.process_index() == 0:
     tokenizer.save(os.path.join(workdir, HF_TOKENIZER_DIR))
   model = iomm.build(
-    config,
+    m,
     ckpt_cfg.text.vocab_size,
     ckpt_cfg.image_token_id,
     mllm_config=ckpt_cfg if m.mllm == FROM_CHECKPOINT else None,

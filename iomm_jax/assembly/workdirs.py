@@ -15,7 +15,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, sharding
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -40,14 +40,16 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (``<workdir>/config.json``), its paths found again
-  if they are not where it says (``loading.locate_paths``: relative ones of workdirs written
-  before they were stored absolute, or a moved tree)."""
+  """The config a workdir was trained with (``<workdir>/config.json``), brought up to date
+  (``specs.upgrade``: the keys an earlier version did not write, with the values that reproduce
+  that run), its paths found again if they are not where it says (``loading.locate_paths``:
+  relative ones of workdirs written before they were stored absolute, or a moved tree)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir!r} is not an iomm_jax workdir: {path} is missing")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  specs.upgrade(config)
   loading.locate_paths(config, workdir)
   return config
 

@@ -36,6 +36,7 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, cli, inference, metrics, runtime, sharding
+from iomm_jax.configs import specs
 from iomm_jax.data import benchmark_format, pipeline, shapes
 from iomm_jax.eval import heldout, shapes_geneval
 
@@ -85,7 +86,7 @@ def run(
   if config.data.source != "shapes":  # own data: its held-out records
     return _own_data(workdir, config, ctx, params, per_category * len(shapes.CATEGORIES),
                      seed, batch, mesh, step, use_ema)  # fmt: skip
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   prompts = [m["prompt"] for m in shapes_geneval.select_prompts(world, per_category)]
   cli.warn_unknown_words("iomm-eval", ctx.tokenizer, prompts)
   ev = shapes_geneval.evaluate(

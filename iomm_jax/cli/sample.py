@@ -33,6 +33,7 @@ from PIL import Image
 
 from iomm_jax import inference, metrics, runtime, sharding
 from iomm_jax.cli import define_distributed_flags, run, warn_unknown_words
+from iomm_jax.configs import specs
 from iomm_jax.data import benchmark_format
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a stage-1 or stage-2 workdir")
@@ -103,7 +104,7 @@ def _main(argv):
   if items is not None:
     ctx.conditioner.text_conditions([it.prompt for it in items])  # every prompt fits, or say so
     sample_fn = lambda prompts, keys: inference.sample_prompts(
-      config, ctx, params, prompts, keys, **kw
+      specs.from_config(config).sample, ctx, params, prompts, keys, **kw
     )
     counts = benchmark_format.generate(
       sample_fn, items, writer, _SEED.value, _BATCH.value, _PROGRESS.value, mesh.size
@@ -111,7 +112,7 @@ def _main(argv):
     print(f"wrote {_FORMAT.value} layout to {_OUTDIR.value}: {json.dumps(counts)}")
     return
   imgs = inference.sample_prompts(
-    config, ctx, params, [_PROMPT.value] * _NUM.value, _SEED.value, **kw
+    specs.from_config(config).sample, ctx, params, [_PROMPT.value] * _NUM.value, _SEED.value, **kw
   )
   if jax.process_index() == 0:
     grid = metrics.image_grid(imgs, rows=max(1, int(np.sqrt(len(imgs)))))

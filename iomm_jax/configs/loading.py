@@ -392,7 +392,7 @@ def generator_patch(config: ml_collections.ConfigDict) -> tuple[int, str]:
       f"config.model.generator={m.generator!r} unknown; choose from "
       f"{sorted(mmdit_lib.MMDIT_VARIANTS)}"
     )
-  over = m.get("generator_overrides", "")  # .get: workdir configs from before the key
+  over = m.generator_overrides
   p = mmdit_lib.parse_overrides(over).get("latent_patch")
   if p is None:
     p = mmdit_lib.MMDIT_VARIANTS[m.generator].latent_patch

@@ -1,6 +1,7 @@
 """grain input pipelines of the three stages, over the embedded shapes world (real data:
 ``config.data.source`` "array_record" or "tfds", or cached features ``config.data.features``,
-built by ``iomm_jax.data.sources``).
+built by ``iomm_jax.data.sources``). Both read the run's typed spec (``configs.specs.RunSpec``,
+built once at the stage's entry), never the ConfigDict; errors name the config key.
 
 Every element is a dict of numpy arrays; batches add a leading axis. Per-element randomness comes
 from grain's seeded ``random_map`` or from the element index, so an iterator restored from a
@@ -21,24 +22,19 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 
+from iomm_jax.configs import specs
 from iomm_jax.data import shapes, sources
 from iomm_jax.data.tokenizer import Tokenizer
 
 
-def world_from_config(config: ml_collections.ConfigDict) -> shapes.WorldConfig:
-  """The shapes world of ``config.data`` (canvas, grid, shapes, hold-out version). A workdir
-  config from before ``data.shapes`` / ``data.holdout`` existed gets the first world (the three
-  shapes of ``shapes.V1_SHAPES``, hold-out v1), which it was trained on."""
-  d = config.data
+def shapes_world(data: specs.DataSpec) -> shapes.WorldConfig:
+  """The shapes world of the data spec (``config.data``'s canvas, grid, shapes and hold-out
+  version; an old workdir's config got the first world's in ``specs.upgrade``)."""
   try:
     return shapes.WorldConfig(
-      canvas=d.canvas,
-      grid=d.grid,
-      shapes=tuple(d.get("shapes", shapes.V1_SHAPES)),
-      holdout=d.get("holdout", "v1"),
+      canvas=data.canvas, grid=data.grid, shapes=data.shapes, holdout=data.holdout
     )
   except ValueError as e:  # name the config key, not the dataclass field
     raise ValueError(str(e).replace("WorldConfig.", "config.data.")) from None
@@ -224,78 +220,76 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n_proc
 
 
-def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+def _finish(ds: grain.MapDataset, spec: specs.RunSpec) -> grain.IterDataset:
   ds = ds[jax.process_index() :: jax.process_count()]
-  ds = ds.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
+  ds = ds.batch(local_batch_size(spec.train.batch_size), drop_remainder=True)
   # Elements are whole batches here: grain's default read-ahead (16 threads, 500 elements) would
   # render thousands of images up front and compete with the train step for the CPU.
   it = ds.to_iter_dataset(
-    grain.ReadOptions(
-      num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch
-    )
+    grain.ReadOptions(num_threads=spec.data.read_threads, prefetch_buffer_size=spec.data.prefetch)
   )
-  return _prefetch(it, config)
+  return _prefetch(it, spec)
 
 
-def _finish_records(ds: grain.MapDataset, where: str, config) -> grain.IterDataset:
+def _finish_records(ds: grain.MapDataset, where: str, spec: specs.RunSpec) -> grain.IterDataset:
   """Like ``_finish`` for real records: batched after the undecodable ones are dropped."""
   ds = ds[jax.process_index() :: jax.process_count()]
-  batch = local_batch_size(config.train.batch_size)
+  batch = local_batch_size(spec.train.batch_size)
   it = ds.to_iter_dataset(
     grain.ReadOptions(
-      num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch * batch
+      num_threads=spec.data.read_threads, prefetch_buffer_size=spec.data.prefetch * batch
     )
   )
   it = sources.SkipUndecodable(it, where).batch(batch, drop_remainder=True)
-  return _prefetch(it, config)
+  return _prefetch(it, spec)
 
 
-def _prefetch(it: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
-  if config.data.num_workers > 0:
+def _prefetch(it: grain.IterDataset, spec: specs.RunSpec) -> grain.IterDataset:
+  if spec.data.num_workers > 0:
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(
-        num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch
+        num_workers=spec.data.num_workers, per_worker_buffer_size=spec.data.prefetch
       )
     )
   return it
 
 
 def make_dataset(
-  config: ml_collections.ConfigDict, conditioner: Conditioner, seq_len: int = 0
+  spec: specs.RunSpec, conditioner: Conditioner, seq_len: int = 0
 ) -> grain.IterDataset:
   """The batched training dataset of ``config.stage`` over ``config.data.source``."""
-  world, seed = world_from_config(config), config.seed
-  if config.data.source != "shapes" or config.data.features:  # real data (data.sources)
+  world, seed = shapes_world(spec.data), spec.seed
+  if spec.data.source != "shapes" or spec.data.features:  # real data (data.sources)
     captioning = (
       Captioning(conditioner.tokenizer, conditioner.num_image_tokens, seq_len)
-      if config.stage == "mllm"
+      if spec.stage == "mllm"
       else None
     )
-    return _finish_records(*sources.record_dataset(config, conditioner, captioning), config)
-  if config.stage == "mllm":
+    return _finish_records(*sources.record_dataset(spec, conditioner, captioning), spec)
+  if spec.stage == "mllm":
     ds = grain.MapDataset.source(ShapesStream(world, seed + 1))
     return _finish(
-      ds.map(Captioning(conditioner.tokenizer, conditioner.num_image_tokens, seq_len)), config
+      ds.map(Captioning(conditioner.tokenizer, conditioner.num_image_tokens, seq_len)), spec
     )
-  if config.stage == "pretrain":
+  if spec.stage == "pretrain":
     return _finish(
-      grain.MapDataset.source(ShapesStream(world, seed + 2)).map(ImageOnly(conditioner)), config
+      grain.MapDataset.source(ShapesStream(world, seed + 2)).map(ImageOnly(conditioner)), spec
     )
-  if config.stage == "finetune":
+  if spec.stage == "finetune":
     pairs = grain.MapDataset.source(
-      PairSet(world, config.data.num_pairs, seed + 3, config.data.dense_captions)
+      PairSet(world, spec.data.num_pairs, seed + 3, spec.data.dense_captions)
     )
     pairs = pairs.shuffle(seed=seed + 4).repeat(None)
-    lam = config.diffusion.mix_ratio
-    if config.data.image_only_source == "pairs":  # the pair images, captions dropped
-      return _finish(pairs.random_map(Mixed(conditioner, lam), seed=seed + 5), config)
-    if config.data.image_only_source == "stream":  # fresh images from the stage-1 stream
+    lam = spec.diffusion.mix_ratio
+    if spec.data.image_only_source == "pairs":  # the pair images, captions dropped
+      return _finish(pairs.random_map(Mixed(conditioner, lam), seed=seed + 5), spec)
+    if spec.data.image_only_source == "stream":  # fresh images from the stage-1 stream
       stream = grain.MapDataset.source(ShapesStream(world, seed + 6)).map(ImageOnly(conditioner))
       parts = [d for d, w in ((pairs.map(TextOnly(conditioner)), 1 - lam), (stream, lam)) if w]
       weights = [w for w in (1 - lam, lam) if w]
-      return _finish(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights), config)
+      return _finish(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights), spec)
     raise ValueError(
-      f"config.data.image_only_source={config.data.image_only_source!r} unknown; "
+      f"config.data.image_only_source={spec.data.image_only_source!r} unknown; "
       "choose 'pairs' or 'stream'"
     )
-  raise ValueError(f"config.stage={config.stage!r} unknown")
+  raise ValueError(f"config.stage={spec.stage!r} unknown")

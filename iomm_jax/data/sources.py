@@ -32,9 +32,9 @@ import os
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 
+from iomm_jax.configs import specs
 from iomm_jax.data import decode, features, inputs, records
 
 BAD = "_undecodable"  # key of the marker element a record that failed to decode becomes
@@ -181,9 +181,9 @@ class _SkipIterator(grain.DatasetIterator):
     self._pending = int(state["pending"])
 
 
-def open_source(config: ml_collections.ConfigDict) -> tuple[object, str]:
+def open_source(spec: specs.RunSpec) -> tuple[object, str]:
   """The random-access source of ``config.data`` and a description of where it is."""
-  d = config.data
+  d = spec.data
   if d.source == "array_record":
     m = records.read_manifest(d.path)
     mpath = os.path.join(d.path, records.MANIFEST)
@@ -210,9 +210,9 @@ def open_source(config: ml_collections.ConfigDict) -> tuple[object, str]:
   raise ValueError(f"config.data.source={d.source!r} unknown; choose from {SOURCES}")
 
 
-def open_features(config: ml_collections.ConfigDict) -> tuple[object, str, features.Specs]:
+def open_features(spec: specs.RunSpec) -> tuple[object, str, features.Specs]:
   """The random-access source of ``config.data.features``, where it is, and its array specs."""
-  path = config.data.features
+  path = spec.data.features
   m = features.read_manifest(path)
   mpath = os.path.join(path, features.MANIFEST)
   paths = [os.path.join(path, s["file"]) for s in m["shards"] if s["records"]]
@@ -225,10 +225,10 @@ def open_features(config: ml_collections.ConfigDict) -> tuple[object, str, featu
   return src, f"config.data.features={path!r} ({mpath})", features.specs_from_json(m["arrays"])
 
 
-def num_heldout(config: ml_collections.ConfigDict, total: int, where: str) -> int:
+def num_heldout(spec: specs.RunSpec, total: int, where: str) -> int:
   """How many of the source's ``total`` records are held out (``config.data.holdout_records``;
   a workdir config from before the key holds out none). Refused when nothing would be left."""
-  n = int(config.data.get("holdout_records", 0))
+  n = spec.data.holdout_records
   if n < 0 or n >= total:
     raise ValueError(
       f"config.data.holdout_records={n}: {where} holds {total} records; hold out at least 0 "
@@ -237,32 +237,32 @@ def num_heldout(config: ml_collections.ConfigDict, total: int, where: str) -> in
   return n
 
 
-def _without_heldout(config, src, where: str) -> tuple[grain.MapDataset, str]:
-  n = num_heldout(config, len(src), where)
+def _without_heldout(spec: specs.RunSpec, src, where: str) -> tuple[grain.MapDataset, str]:
+  n = num_heldout(spec, len(src), where)
   ds = grain.MapDataset.source(src)
   return (ds[: len(src) - n], f"{where}, {n} held out") if n else (ds, where)
 
 
-def training_source(config: ml_collections.ConfigDict) -> tuple[grain.MapDataset, str]:
+def training_source(spec: specs.RunSpec) -> tuple[grain.MapDataset, str]:
   """``open_source`` without the held-out records (the last ``data.holdout_records``)."""
-  return _without_heldout(config, *open_source(config))
+  return _without_heldout(spec, *open_source(spec))
 
 
-def _read(config: ml_collections.ConfigDict, src, i: int) -> tuple[np.ndarray, str | None]:
-  d = config.data
-  return decode_element(src[i], config.model.image_size, d.source, d.image_key, d.caption_key)
+def _read(spec: specs.RunSpec, src, i: int) -> tuple[np.ndarray, str | None]:
+  d = spec.data
+  return decode_element(src[i], spec.model.image_size, d.source, d.image_key, d.caption_key)
 
 
 def heldout(
-  config: ml_collections.ConfigDict, n: int, captioned: bool = True, or_training: bool = False
+  spec: specs.RunSpec, n: int, captioned: bool = True, or_training: bool = False
 ) -> list[tuple[np.ndarray, str | None]]:
   """Up to ``n`` held-out records as (image uint8 [S, S, 3], caption), in source order (with
   ``captioned``, only those with a caption); undecodable ones are passed over. Without held-out
   records (``data.holdout_records = 0``) it is an error naming the key (an evaluation on
   training images would mislead), unless ``or_training``: then the folder's first records
   (the training-time grids of such a run, labelled as training records)."""
-  src, where = open_source(config)
-  k = num_heldout(config, len(src), where)
+  src, where = open_source(spec)
+  k = num_heldout(spec, len(src), where)
   if not k and not or_training:
     raise ValueError(
       f"config.data.holdout_records=0: {where} has no held-out records to evaluate or probe "
@@ -271,7 +271,7 @@ def heldout(
   out = []
   for i in range(len(src) - k, len(src)) if k else range(len(src)):
     try:
-      image, caption = _read(config, src, i)
+      image, caption = _read(spec, src, i)
     except decode.BadRecord:
       continue
     if caption is not None or not captioned:
@@ -284,11 +284,11 @@ def heldout(
   return out
 
 
-def caption_corpus(config: ml_collections.ConfigDict, limit: int = 200_000) -> list[str]:
+def caption_corpus(spec: specs.RunSpec, limit: int = 200_000) -> list[str]:
   """The captions of the training records (held-out ones excluded), up to ``limit``: what the
   run's tokenizer is trained on. An iomm-prepare folder's are read without decoding images."""
-  src, where = training_source(config)
-  d = config.data
+  src, where = training_source(spec)
+  d = spec.data
   out = []
   for i in range(len(src)):
     try:
@@ -307,46 +307,46 @@ def caption_corpus(config: ml_collections.ConfigDict, limit: int = 200_000) -> l
 
 
 def record_dataset(
-  config: ml_collections.ConfigDict, conditioner, captioning=None
+  spec: specs.RunSpec, conditioner, captioning=None
 ) -> tuple[grain.MapDataset, str]:
   """Shuffled, repeated, per-process samples of ``config.data`` (``BAD`` markers included), the
   held-out records left out. Stage 0 ("mllm") needs ``captioning`` (a ``pipeline.Captioning``)."""
-  if config.stage == "mllm":
-    if config.data.features:
+  if spec.stage == "mllm":
+    if spec.data.features:
       raise ValueError(
-        f"config.data.features={config.data.features!r}: stage 0 trains the MLLM's own "
+        f"config.data.features={spec.data.features!r}: stage 0 trains the MLLM's own "
         "encoder, so it reads images; leave config.data.features empty"
       )
-    if config.data.source == "array_record":
-      m = records.read_manifest(config.data.path)
+    if spec.data.source == "array_record":
+      m = records.read_manifest(spec.data.path)
       if not m.get("num_captioned", 1):
         raise ValueError(
-          f"config.data.path={config.data.path!r} holds no captioned record: stage 0 trains "
+          f"config.data.path={spec.data.path!r} holds no captioned record: stage 0 trains "
           "the MLLM to caption (prepare the folder with caption sidecars or --captions-jsonl)"
         )
-  elif config.stage not in ("pretrain", "finetune"):
-    raise ValueError(f"config.stage={config.stage!r} unknown")
-  if config.stage == "finetune" and config.data.image_only_source != "pairs":
+  elif spec.stage not in ("pretrain", "finetune"):
+    raise ValueError(f"config.stage={spec.stage!r} unknown")
+  if spec.stage == "finetune" and spec.data.image_only_source != "pairs":
     raise ValueError(
-      f"config.data.image_only_source={config.data.image_only_source!r}: with "
-      f"config.data.source={config.data.source!r} image-only samples come from the same records; "
+      f"config.data.image_only_source={spec.data.image_only_source!r}: with "
+      f"config.data.source={spec.data.source!r} image-only samples come from the same records; "
       "set it to 'pairs'"
     )
-  if config.data.features:  # cached features instead of records (train/cache.py checks them)
-    src, where, specs = open_features(config)  # record i is record i of the prepared folder
-    src, where = _without_heldout(config, src, where)
-    sample = FeatureSample(conditioner, config.stage, config.diffusion.mix_ratio, specs)
+  if spec.data.features:  # cached features instead of records (train/cache.py checks them)
+    src, where, arrays = open_features(spec)  # record i is record i of the prepared folder
+    src, where = _without_heldout(spec, src, where)
+    sample = FeatureSample(conditioner, spec.stage, spec.diffusion.mix_ratio, arrays)
   else:
-    src, where = training_source(config)
+    src, where = training_source(spec)
     sample = RecordSample(
       conditioner,
-      config.model.image_size,
-      config.stage,
-      config.diffusion.mix_ratio,
-      config.data.source,
-      config.data.image_key,
-      config.data.caption_key,
+      spec.model.image_size,
+      spec.stage,
+      spec.diffusion.mix_ratio,
+      spec.data.source,
+      spec.data.image_key,
+      spec.data.caption_key,
       captioning,
     )
-  ds = src.shuffle(seed=config.seed + 7).repeat(None)
-  return ds.random_map(sample, seed=config.seed + 8), where
+  ds = src.shuffle(seed=spec.seed + 7).repeat(None)
+  return ds.random_map(sample, seed=spec.seed + 8), where

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from iomm_jax import inference
+from iomm_jax.configs import specs
 from iomm_jax.data import sources
 from iomm_jax.models import iomm
 
@@ -81,11 +82,11 @@ def evaluate(
 ) -> tuple[dict[str, Any], np.ndarray, list[np.ndarray]]:
   """(report, generated images, real images) for up to ``num_images`` captioned held-out
   records of ``config.data`` (``sources.heldout``)."""
-  held = sources.heldout(config, num_images)
+  held = sources.heldout(specs.from_config(config), num_images)
   captions = [c for _, c in held]
   real = np.stack([image for image, _ in held])
   gen = inference.sample_prompts(
-    config, ctx, params, captions, seed, batch_size=batch_size, mesh=mesh
+    specs.from_config(config).sample, ctx, params, captions, seed, batch_size=batch_size, mesh=mesh
   )
   report = score(captions, gen, image_features(ctx, real), image_features(ctx, gen))
   return report, gen, list(real)

@@ -32,6 +32,7 @@ import numpy as np
 
 from iomm_jax import edit as edit_lib
 from iomm_jax import inference
+from iomm_jax.configs import specs
 from iomm_jax.data import benchmark_format, pipeline, shapes
 from iomm_jax.eval import shapes_detector
 
@@ -131,7 +132,7 @@ def reconstruct(
 ) -> dict[str, dict[str, float]]:
   """The reconstruction control: ``n`` random source scenes under the stage-1 condition, masked
   at each ratio; ``{"r=0.0": {"exact": ., "preservation": .}, ...}``."""
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   rng = np.random.default_rng((seed, 8))
   scenes = [shapes.sample_scene(rng, world) for _ in range(n)]
   sources = np.stack([shapes.render(sc, world) for sc in scenes])
@@ -139,7 +140,9 @@ def reconstruct(
   ids, valid = np.tile(ids, (n, 1)), np.tile(valid, (n, 1))
   out = {}
   for r in mask_ratios:
-    images = inference.sample(config, ctx, params, ids, valid, seed, images=sources, mask_ratio=r)
+    images = inference.sample(
+      specs.from_config(config).sample, ctx, params, ids, valid, seed, images=sources, mask_ratio=r
+    )
     rs = [score_reconstruction(img, sc, world) for img, sc in zip(images, scenes, strict=True)]
     out[f"r={r}"] = {
       "exact": float(np.mean([e for e, _ in rs])),
@@ -160,7 +163,7 @@ def evaluate(
 ) -> dict[str, Any]:
   """Zero-shot editing scores of a loaded generator, overall and per kind, plus (unless
   ``reconstruction`` is False) the reconstruction control on ``per_kind`` scenes."""
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   tasks = make_tasks(world, per_kind, seed)
   sources = np.stack([shapes.render(t.source, world) for t in tasks])
   images = edit_lib.edit(config, ctx, params, sources, [t.instruction for t in tasks],

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iomm_jax import inference, metrics
+from iomm_jax.configs import specs
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.eval import shapes_detector
 
@@ -112,15 +113,16 @@ def evaluate(
   ``metas`` replaces the held-out selection (e.g. ``scored_samples``' rows). ``batch_size``
   images per call on each device of ``mesh`` (``sharding.sampling_mesh``: every device of every
   process, each process then scoring all the gathered images; None: this process's first)."""
-  world = pipeline.world_from_config(config)
+  spec = specs.from_config(config)
+  world = pipeline.shapes_world(spec.data)
   metas = select_prompts(world, per_category) if metas is None else metas
   keys = image_keys(seed, len(metas))
   prompts = [m["prompt"] for m in metas]
   images = inference.sample_prompts(
-    config, ctx, params, prompts, keys, batch_size=batch_size, mesh=mesh
+    spec.sample, ctx, params, prompts, keys, batch_size=batch_size, mesh=mesh
   )
   scored = score_images(images, metas, world)
-  s = config.sample
+  s = spec.sample
   scored["report"].update(
     seed=seed,
     per_category=per_category,
@@ -137,7 +139,7 @@ def scored_samples(
 ) -> Evaluation:
   """A readable sample of the held-out set: the first ``prompts_per_category`` held-out prompts
   of each category, ``per_prompt`` images each, scored like ``evaluate`` (for ``scored_grid``)."""
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   held = shapes.eval_prompts(world, per_category=None)
   metas = []
   for c in shapes.CATEGORIES:

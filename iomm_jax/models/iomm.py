@@ -12,7 +12,7 @@ Data flow of one conditioned velocity prediction (paper Fig. 2a):
 
 Parameters live in two trees: ``trainable = {"adapter", "connector", "generator"}`` (differentiated
 and optimised) and ``frozen = {"mllm", "codec"}`` (never differentiated, no optimizer state).
-With LoRA (``config.model.lora.rank`` > 0) the generator is split between them:
+With LoRA (``spec.model.lora.rank`` > 0) the generator is split between them:
 ``trainable["generator"]`` holds the adapters' ``lora_a`` / ``lora_b`` (and the base parameters
 ``LoRAConfig.trainable`` names), ``frozen["generator"]`` every other base weight
 (``split_generator``); ``generator_params`` joins the two for the forward pass.
@@ -28,9 +28,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from iomm_jax.configs import specs
 from iomm_jax.diffusion import flow
 from iomm_jax.models import adapter as adapter_lib
 from iomm_jax.models import codec as codec_lib
@@ -102,18 +102,17 @@ def _dtype(name: str):
 
 
 def build(
-  config: ml_collections.ConfigDict,
+  m: specs.ModelSpec,
   vocab_size: int,
   image_token_id: int,
   mllm_config: mllm_lib.MLLMConfig | None = None,
 ) -> IOMM:
-  """Builds the modules of ``config.model`` for a tokenizer of ``vocab_size`` ids whose
-  image-context placeholder is ``image_token_id``.
+  """Builds the modules of the model spec ``m`` (``specs.from_config(config).model``) for a
+  tokenizer of ``vocab_size`` ids whose image-context placeholder is ``image_token_id``.
 
   ``mllm_config``: the frozen MLLM's config as given (an imported checkpoint's, used with
-  ``config.model.mllm = "from_checkpoint"``) instead of the ``config.model.mllm`` variant.
+  ``config.model.mllm = "from_checkpoint"``) instead of the ``m.mllm`` variant.
   """
-  m = config.model
   if m.condition not in CONDITIONS:
     raise ValueError(f"config.model.condition={m.condition!r} unknown; choose from {CONDITIONS}")
   mcfg = mllm_config or mllm_lib.get_mllm_config(
@@ -123,20 +122,17 @@ def build(
   codec = codec_lib.make_codec(
     m.codec, **({"factor": m.codec_factor} if m.codec == "pixel" else {"variant": m.vae})
   )
-  # .get: configs saved by earlier versions (a workdir's config.json) lack the newer keys.
-  sized = mmdit_lib.parse_overrides(m.get("generator_overrides", ""))
+  sized = mmdit_lib.parse_overrides(m.generator_overrides)
   gcfg = mmdit_lib.get_mmdit_config(m.generator, **sized)
-  remat = m.get("remat", "none")
   gcfg = mmdit_lib.get_mmdit_config(
     m.generator,
     **sized,
     in_channels=codec.latent_channels * gcfg.latent_patch**2,
-    attention=m.get("attention", "xla"),
-    remat=remat,
+    attention=m.attention,
+    remat=m.remat,
   )
-  pooled = m.get("pooled", "mean")
-  if pooled not in POOLED:
-    raise ValueError(f"config.model.pooled={pooled!r} unknown; choose from {POOLED}")
+  if m.pooled not in POOLED:
+    raise ValueError(f"config.model.pooled={m.pooled!r} unknown; choose from {POOLED}")
   if gcfg.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise ValueError(
       f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
@@ -150,7 +146,7 @@ def build(
       num_heads=m.adapter_heads,
       num_layers=m.adapter_layers,
       mlp_ratio=m.adapter_mlp_ratio,
-      remat=remat,
+      remat=m.remat,
     )
     adapter = adapter_lib.ResidualQueryAdapter(acfg, **kw)
   elif m.condition == "queries":
@@ -169,33 +165,31 @@ def build(
       "condition is the mean of the context tokens"
     )
   mdt = _dtype(m.mllm_dtype)
-  prediction = m.get("prediction", "velocity")  # .get: workdir configs from before the key
-  if prediction not in flow.PREDICTIONS:
+  if m.prediction not in flow.PREDICTIONS:
     raise ValueError(
-      f"config.model.prediction={prediction!r} unknown; choose from {flow.PREDICTIONS}"
+      f"config.model.prediction={m.prediction!r} unknown; choose from {flow.PREDICTIONS}"
     )
   return IOMM(
-    mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt, remat=remat),
+    mllm=mllm_lib.InternVLModel(mcfg, dtype=mdt, param_dtype=mdt, remat=m.remat),
     adapter=adapter,
     connector=adapter_lib.Connector(ccfg, **kw),
-    generator=mmdit_lib.MMDiT(gcfg, lora=lora_config(config), **kw),
+    generator=mmdit_lib.MMDiT(gcfg, lora=lora_config(m.lora), **kw),
     codec=codec,
     image_size=m.image_size,
     num_queries=m.num_queries,
-    prediction=prediction,
-    x_pred_t_min=float(m.get("x_pred_t_min", 0.05)),
-    pooled=pooled,
+    prediction=m.prediction,
+    x_pred_t_min=m.x_pred_t_min,
+    pooled=m.pooled,
   )
 
 
-def lora_config(config: ml_collections.ConfigDict) -> mmdit_lib.LoRAConfig | None:
-  """The generator's ``LoRAConfig`` of ``config.model.lora`` (None with rank 0, and for
-  workdir configs written before the key)."""
-  lo = config.model.get("lora")
-  if lo is None or lo.rank == 0:
+def lora_config(lora: specs.LoRASpec) -> mmdit_lib.LoRAConfig | None:
+  """The generator's ``LoRAConfig`` of the spec ``lora`` (``config.model.lora``); None with
+  rank 0."""
+  if lora.rank == 0:
     return None
   return mmdit_lib.LoRAConfig(
-    rank=lo.rank, alpha=float(lo.alpha), targets=tuple(lo.targets), trainable=tuple(lo.trainable)
+    rank=lora.rank, alpha=lora.alpha, targets=lora.targets, trainable=lora.trainable
   )
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from iomm_jax import sharding
 from iomm_jax.assembly import context
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.data import decode, features, prepare, records, sources
 from iomm_jax.data.inputs import InputError
 from iomm_jax.models import codec as codec_lib
@@ -132,7 +132,9 @@ def shape_specs(config: ml_collections.ConfigDict, dtype: str) -> features.Specs
     mcfg = mllm_lib.get_mllm_config(config.model.mllm)
   except (KeyError, ValueError) as e:
     raise InputError(f"config.model.mllm={config.model.mllm!r}: name a variant ({e})") from None
-  return feature_specs(iomm.build(config, mcfg.text.vocab_size, mcfg.image_token_id), dtype)
+  return feature_specs(
+    iomm.build(specs.from_config(config).model, mcfg.text.vocab_size, mcfg.image_token_id), dtype
+  )
 
 
 # ----------------------------------------------------------------------------- the check

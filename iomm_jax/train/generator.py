@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from iomm_jax import checkpointing, inference, metrics, sharding
 from iomm_jax.assembly import context, workdirs
+from iomm_jax.configs import specs
 from iomm_jax.data import pipeline, shapes, sources
 from iomm_jax.models import iomm
 from iomm_jax.train import cache, loop, steps
@@ -64,8 +65,8 @@ def abstract_batch(
   if feature_dtype is None:
     inputs = {"image": sds((batch_size, s, s, 3), jnp.uint8)}
   else:
-    specs = cache.feature_specs(model, feature_dtype)
-    inputs = {name: sds((batch_size, *shape), jnp.dtype(dt)) for name, shape, dt in specs}
+    arrays = cache.feature_specs(model, feature_dtype)
+    inputs = {name: sds((batch_size, *shape), jnp.dtype(dt)) for name, shape, dt in arrays}
   return {
     **inputs,
     "cond_ids": sds((batch_size, cond_len), jnp.int32),
@@ -81,13 +82,13 @@ def init_fn(model: iomm.IOMM, config: ml_collections.ConfigDict, cond_len: int) 
 
 
 def make_step(
-  config: ml_collections.ConfigDict, model: iomm.IOMM, null_ids: Any, null_valid: Any
+  spec: specs.RunSpec, model: iomm.IOMM, null_ids: Any, null_valid: Any
 ) -> tuple[Any, Callable]:
   """(optimizer, pure ``train_step``) of a generator stage: the rectified-flow loss under masked
   self-conditioning (``steps.generator_loss_fn``) with ``config.optim`` / ``config.train``; jit it
   with ``sharding.jit_step``."""
-  loss_fn = steps.generator_loss_fn(model, config, jnp.asarray(null_ids), jnp.asarray(null_valid))
-  return loop.make_train_step(loss_fn, config, config.train.num_steps)
+  loss_fn = steps.generator_loss_fn(model, spec, jnp.asarray(null_ids), jnp.asarray(null_valid))
+  return loop.make_train_step(loss_fn, spec, spec.train.num_steps)
 
 
 def setup(
@@ -104,6 +105,7 @@ def setup(
   are frozen and come from there (or, without ``from_init``, from the seeded init) at every
   start, resumes included; the checkpoints' metadata record the source (``init_from``)."""
   workdirs.prepare_workdir(config, workdir)
+  spec = specs.from_config(config)  # what the model, data, loss and sampler read
   mesh, rules = workdirs.mesh_and_rules(config)
   if config.model.mllm_init != "checkpoint":  # trained once, by process 0 (build then loads it)
     context.ensure_tokenizer(config, workdir)
@@ -128,10 +130,10 @@ def setup(
   ctx = dataclasses.replace(ctx, frozen=sharding.place(ctx.frozen, frozen_sh))
   if config.data.features:  # encoded by this run's frozen encoders? (else an error naming both)
     cache.check_run(config, ctx.model, ctx.frozen)
-  data_iter = iter(pipeline.make_dataset(config, ctx.conditioner))
+  data_iter = iter(pipeline.make_dataset(spec, ctx.conditioner))
   # own data: the held-out records are read (or refused) before training, not after it
-  grid = grid_material(config, sample_kind) if config.sample.num_grid else None
-  optimizer, step = make_step(config, ctx.model, *ctx.conditioner.null_condition())
+  grid = grid_material(spec, sample_kind) if spec.sample.num_grid else None
+  optimizer, step = make_step(spec, ctx.model, *ctx.conditioner.null_condition())
   state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,
@@ -155,56 +157,56 @@ def setup(
     ckpt,
     meta,
     sample_fn=(
-      (lambda s: sample_grid(ctx, config, s, sample_kind, grid)) if config.sample.num_grid else None
+      (lambda s: sample_grid(ctx, spec, s, sample_kind, grid)) if spec.sample.num_grid else None
     ),
     start_step=start,
     mesh=mesh,
   )
 
 
-def grid_prompts(config: ml_collections.ConfigDict) -> list[str]:
+def grid_prompts(spec: specs.RunSpec) -> list[str]:
   """``config.sample.num_grid`` held-out evaluation prompts: the shapes world's, spread over the
   categories, or (own data) the captions of the first captioned held-out records."""
-  if config.data.source != "shapes":  # (training records when none are held out)
-    return [c for _, c in sources.heldout(config, config.sample.num_grid, or_training=True)]
-  metas = shapes.eval_prompts(pipeline.world_from_config(config), per_category=None)
+  if spec.data.source != "shapes":  # (training records when none are held out)
+    return [c for _, c in sources.heldout(spec, spec.sample.num_grid, or_training=True)]
+  metas = shapes.eval_prompts(pipeline.shapes_world(spec.data), per_category=None)
   by_cat: dict[str, list[str]] = {}
   for m in metas:
     by_cat.setdefault(m["tag"], []).append(m["prompt"])
   cats = [c for c in shapes.CATEGORIES if c in by_cat]
-  return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(config.sample.num_grid)]
+  return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(spec.sample.num_grid)]
 
 
-def _what(config: ml_collections.ConfigDict) -> str:
+def _what(spec: specs.RunSpec) -> str:
   """What the grid's prompts are: held-out ones, or (own data, none held out) training ones."""
-  if config.data.source == "shapes" or config.data.get("holdout_records", 0):
+  if spec.data.source == "shapes" or spec.data.holdout_records:
     return "held-out prompts"
   return "training captions (config.data.holdout_records=0)"
 
 
-def grid_sources(config: ml_collections.ConfigDict) -> np.ndarray:
+def grid_sources(spec: specs.RunSpec) -> np.ndarray:
   """uint8 [N, S, S, 3] source images of the stage-1 grid: ``config.sample.num_grid`` fresh
   shapes scenes, or (own data) held-out records' images."""
-  if config.data.source != "shapes":
-    held = sources.heldout(config, config.sample.num_grid, captioned=False, or_training=True)
+  if spec.data.source != "shapes":
+    held = sources.heldout(spec, spec.sample.num_grid, captioned=False, or_training=True)
     return np.stack([image for image, _ in held])
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(spec.data)
   return np.stack(
     [
       shapes.render(shapes.sample_scene(np.random.default_rng((7, i)), world), world)
-      for i in range(config.sample.num_grid)
+      for i in range(spec.sample.num_grid)
     ]
   )
 
 
-def grid_material(config: ml_collections.ConfigDict, kind: str) -> list[str] | np.ndarray:
+def grid_material(spec: specs.RunSpec, kind: str) -> list[str] | np.ndarray:
   """What the grid of ``kind`` shows: prompts ("text") or source images ("image")."""
-  return grid_prompts(config) if kind == "text" else grid_sources(config)
+  return grid_prompts(spec) if kind == "text" else grid_sources(spec)
 
 
 def sample_grid(
   ctx: context.GenerationContext,
-  config: ml_collections.ConfigDict,
+  spec: specs.RunSpec,
   state: steps.TrainState,
   kind: str,
   material: list[str] | np.ndarray | None = None,
@@ -212,26 +214,26 @@ def sample_grid(
   """A PNG-ready grid: one row per held-out prompt, labelled with it ("text"), or, for
   "image", each row a source image (the column headed "source") followed by generations from
   its masked self-condition. ``material``: ``grid_material`` (read here if not given)."""
-  s = config.sample
+  s = spec.sample
   params = steps.ema_params(state) if s.use_ema else state.params
-  seed = config.seed + 99
+  seed = spec.seed + 99
   if material is None:
-    material = grid_material(config, kind)
+    material = grid_material(spec, kind)
   if kind == "text":
     names = list(material)
     prompts = [p for p in names for _ in range(s.per_prompt)]
-    imgs = inference.sample_prompts(config, ctx, params, prompts, seed=seed)
+    imgs = inference.sample_prompts(s, ctx, params, prompts, seed=seed)
     rows = [(p, list(imgs[i * s.per_prompt : (i + 1) * s.per_prompt]), None) for i, p in
             enumerate(names)]  # fmt: skip
-    return metrics.labelled_grid(rows, legend=f"step {int(state.step)}: {_what(config)}")
+    return metrics.labelled_grid(rows, legend=f"step {int(state.step)}: {_what(spec)}")
   src = np.asarray(material)
   cond = np.repeat(src, s.per_prompt, axis=0)
   ids, valid = ctx.conditioner.image_condition()
   ids, valid = np.tile(ids, (len(cond), 1)), np.tile(valid, (len(cond), 1))
-  r = config.diffusion.mask_ratio
-  imgs = inference.sample(config, ctx, params, ids, valid, seed, images=cond, mask_ratio=r)
+  r = spec.diffusion.mask_ratio
+  imgs = inference.sample(s, ctx, params, ids, valid, seed, images=cond, mask_ratio=r)
   imgs = imgs.reshape(len(src), s.per_prompt, *imgs.shape[1:])
-  label = {"shapes": "scene"}.get(config.data.source, _what(config).split(" ")[0] + " image")
+  label = {"shapes": "scene"}.get(spec.data.source, _what(spec).split(" ")[0] + " image")
   rows = [(f"{label} {i}", [src[i], *imgs[i]], None) for i in range(len(src))]
   header = ["source"] + [f"sample {k + 1}" for k in range(s.per_prompt)]
   legend = (

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, optim, perf, sharding
 from iomm_jax.assembly import workdirs
+from iomm_jax.configs import specs
 from iomm_jax.train import steps
 
 
@@ -118,20 +119,20 @@ def _match_ema(state: steps.TrainState, ema: bool, shardings: Any) -> steps.Trai
   return state.replace(ema=copy(state.params))
 
 
-def make_train_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
-  """(optimizer, pure train_step) for ``config.optim`` / ``config.train`` (gradient
+def make_train_step(loss_fn, spec: specs.RunSpec, num_steps: int):
+  """(optimizer, pure train_step) for the run's ``optim`` / ``train`` specs (gradient
   accumulation over ``train.grad_accum`` micro-batches); jit it with ``sharding.jit_step``."""
-  optimizer, schedule = optim.make_optimizer(config.optim, num_steps)
-  t = config.train
+  optimizer, schedule = optim.make_optimizer(spec.optim, num_steps)
+  t = spec.train
   step = steps.make_train_step(
-    loss_fn, optimizer, schedule, t.ema_decay, t.ema_warmup, t.get("grad_accum", 1)
+    loss_fn, optimizer, schedule, t.ema_decay, t.ema_warmup, t.grad_accum
   )
   return optimizer, step
 
 
-def make_jitted_step(loss_fn, config: ml_collections.ConfigDict, num_steps: int):
+def make_jitted_step(loss_fn, spec: specs.RunSpec, num_steps: int):
   """(optimizer, jitted train_step) on one device, state donated (benchmarks)."""
-  optimizer, step = make_train_step(loss_fn, config, num_steps)
+  optimizer, step = make_train_step(loss_fn, spec, num_steps)
   return optimizer, jax.jit(step, donate_argnums=(0,))
 
 
@@ -201,7 +202,7 @@ def run(run_: Run) -> dict[str, float]:
     total,
     first_step=start_step,
     batch_size=c.train.batch_size,
-    peak_tflops=perf.peak_tflops(jax.devices()[0].device_kind, c.train.get("peak_tflops", 0.0)),
+    peak_tflops=perf.peak_tflops(jax.devices()[0].device_kind, c.train.peak_tflops),
   )
   mesh = run_.mesh or sharding.single_device_mesh()
   rng = jax.jit(lambda: jax.random.key(c.seed), out_shardings=sharding.replicated(mesh))()

@@ -11,6 +11,7 @@ import ml_collections
 
 from iomm_jax import checkpointing, sharding
 from iomm_jax.assembly import context, workdirs
+from iomm_jax.configs import specs
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
 from iomm_jax.train import loop, steps
@@ -25,17 +26,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> loop.Run:
   """Stage 0's model, data and (restored or fresh) state, sharded over the mesh of
   ``config.sharding``."""
   workdirs.prepare_workdir(config, workdir)
+  spec = specs.from_config(config)  # what the model, data and optimiser read
   tokenizer = context.Tokenizer.load(context.ensure_tokenizer(config, workdir))
-  model = iomm.build(config, tokenizer.vocab_size, tokenizer.img_context_id)
+  model = iomm.build(spec.model, tokenizer.vocab_size, tokenizer.img_context_id)
   conditioner = pipeline.Conditioner(
-    tokenizer, model.num_image_tokens, config.model.aux_prompt, config.model.max_text_len
+    tokenizer, model.num_image_tokens, spec.model.aux_prompt, spec.model.max_text_len
   )
   seq_len = caption_len(config, model.num_image_tokens)
-  data_iter = iter(pipeline.make_dataset(config, conditioner, seq_len=seq_len))
+  data_iter = iter(pipeline.make_dataset(spec, conditioner, seq_len=seq_len))
   mesh, rules = workdirs.mesh_and_rules(config)
-  optimizer, step = loop.make_train_step(
-    steps.caption_loss_fn(model), config, config.train.num_steps
-  )
+  optimizer, step = loop.make_train_step(steps.caption_loss_fn(model), spec, spec.train.num_steps)
   state, state_sh, ckpt, start = loop.restore_or_init(
     config,
     workdir,

@@ -40,7 +40,7 @@ import numpy as np
 
 from iomm_jax import sharding
 from iomm_jax.assembly import context, workdirs
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
 from iomm_jax.models import mllm as mllm_lib
@@ -139,7 +139,7 @@ def plan(
     raise ValueError(f"config.stage={config.stage!r}: planning covers 'pretrain' and 'finetune'")
   loading.validate(config, n, require_inputs=False)
   layout = token_layout(config)
-  model = iomm.build(config, layout.vocab_size, layout.image_token_id)
+  model = iomm.build(specs.from_config(config).model, layout.vocab_size, layout.image_token_id)
   mesh = sharding.make_mesh(config, jax.devices()[:n])
   rules = sharding.axis_rules(config)
 

@@ -15,9 +15,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
+from iomm_jax.configs import specs
 from iomm_jax.diffusion import flow, masking
 from iomm_jax.models import codec as codec_lib
 from iomm_jax.models import iomm
@@ -227,7 +227,7 @@ def caption_loss_fn(model: iomm.IOMM) -> LossFn:
 
 
 def generator_loss_fn(
-  model: iomm.IOMM, config: ml_collections.ConfigDict, null_ids: jax.Array, null_valid: jax.Array
+  model: iomm.IOMM, spec: specs.RunSpec, null_ids: jax.Array, null_valid: jax.Array
 ) -> LossFn:
   """Stages 1 and 2: rectified-flow loss of the generator under masked self-conditioning.
 
@@ -240,16 +240,16 @@ def generator_loss_fn(
   per-row randomness: token keep mask, condition drop, t, noise) and ``given(trainable, frozen,
   batch, noise)`` (the loss under it), which gradient accumulation uses.
 
-  Cached features (``config.data.features``): the batch carries, instead of ``image``, vision
+  ``spec``: the run's specs (``diffusion``, and ``data.vae_latent``). Cached features
+  (``config.data.features``): the batch carries, instead of ``image``, vision
   [B, P, D] (the unmasked tokens after the projector) and latent_mean [B, h, w, C] (+ latent_std,
   a VAE's); the frozen ViT and VAE encoder do not run, and the tokens are masked here with the
   same ``token_keep_mask`` draw as online. ``config.data.vae_latent`` "sample" makes the target a
   draw mean + std * eps from the VAE posterior, with the same ``eps`` in both paths; "mean"
   (default) takes its mean.
   """
-  dcfg = config.diffusion
-  # .get: a workdir's config.json from before the key (benchmarks load those) took the mean
-  sample_latent = config.data.get("vae_latent", "mean") == "sample"
+  dcfg = spec.diffusion
+  sample_latent = spec.data.vae_latent == "sample"
   latent_stream = 0x1A7E47  # fold_in data of the posterior-sample key (apart from split(rng, 4))
 
   def draw(rng, batch):

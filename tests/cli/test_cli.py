@@ -227,12 +227,13 @@ def test_edit_cli_is_the_studys_zero_shot_route(demo, tmp_path):
   from PIL import Image
 
   from iomm_jax import inference
+  from iomm_jax.configs import specs
   from iomm_jax.data import pipeline, shapes
   from iomm_jax.eval import shapes_editing
 
   wd = os.path.join(demo[0], "finetune")
   config, ctx, params = inference.load_generator(wd)
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   tasks = shapes_editing.make_tasks(world, per_kind=2, seed=0)  # recolour and add
   src = tmp_path / "sources"
   (src / "sub").mkdir(parents=True)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from iomm_jax import cli
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -140,7 +140,7 @@ def shapes_tokenizer():
   from iomm_jax.data import pipeline, shapes
 
   config = loading.load_config(QUICK)
-  world = pipeline.world_from_config(config)
+  world = pipeline.shapes_world(specs.from_config(config).data)
   corpus = shapes.all_caption_corpus(world) + [config.model.aux_prompt]
   held_out = [m["prompt"] for m in shapes.eval_prompts(world, per_category=None)]  # iomm-eval's
   return context.train_tokenizer(config, ""), corpus + held_out

@@ -5,7 +5,7 @@ import sys
 
 CODE = """
 import sys
-from iomm_jax.configs import loading, own_data, paper, mesh
+from iomm_jax.configs import loading, own_data, paper, mesh, specs
 c = loading.load_config("experiments/shapes/pretrain.py", {"train.batch_size": 16})
 assert mesh.mesh_shape(c.sharding.mesh, 8)[0] * mesh.mesh_shape(c.sharding.mesh, 8)[1] >= 1
 paper.paper_config("iomm_b", "pretrain")

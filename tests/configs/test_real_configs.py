@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from iomm_jax import optim
-from iomm_jax.configs import loading, paper
+from iomm_jax.configs import loading, paper, specs
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm, layers
 from iomm_jax.models import mllm as mllm_lib
@@ -51,7 +51,7 @@ def _load(name: str, stage: str, arg: str = PATHS):
 def _build(config) -> iomm.IOMM:
   """The static model for the imported InternVL3-2B tokenizer (151674 ids, <IMG_CONTEXT> =
   151667)."""
-  return iomm.build(config, vocab_size=151674, image_token_id=151667)
+  return iomm.build(specs.from_config(config).model, vocab_size=151674, image_token_id=151667)
 
 
 @functools.cache
@@ -149,7 +149,7 @@ def test_stages_share_the_model(name):
 
 def test_muon_builds_for_the_xl_generator():
   c = _load("iomm_xl", "pretrain")
-  opt, _ = optim.make_optimizer(c.optim, c.train.num_steps)
+  opt, _ = optim.make_optimizer(specs.from_config(c).optim, c.train.num_steps)
   params = nn.meta.unbox(_trainable_shapes("iomm_xl"))
   state = jax.eval_shape(opt.init, params)
   # Muon keeps a momentum for every 2-D weight, Adam two moments for every other parameter
@@ -195,7 +195,7 @@ def test_missing_prepared_data_is_a_clear_error():
   # The ArrayRecord loader itself is tested in tests/data/test_sources.py.
   c = _load("iomm_b", "pretrain")
   with pytest.raises(FileNotFoundError, match="config.data.path='/d/shards'"):
-    pipeline.make_dataset(c, conditioner=None)
+    pipeline.make_dataset(specs.from_config(c), conditioner=None)
 
 
 def test_paper_config_rejects_unknown_names():

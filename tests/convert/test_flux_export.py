@@ -29,6 +29,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from iomm_jax import generate
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import flux, tensors, torch_port
 from iomm_jax.convert.tensors import ConversionError
@@ -222,7 +223,7 @@ def _model(condition="rqa", connector="linear", codec="pixel", **overrides):
   m.codec_factor, m.vae = 4, "tiny"
   for k, v in overrides.items():
     setattr(m, k, v)
-  return iomm.build(c, vocab_size=64, image_token_id=6)
+  return iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
 
 
 def _trainable(model, seed=0, generator=True):

@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from iomm_jax import sharding
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import flux, tensors
 from iomm_jax.convert.tensors import ConversionError
@@ -187,7 +188,7 @@ def _tiny_iomm(lora_rank: int = 0, lora_trainable: tuple[str, ...] = ()):
   m.num_queries, m.adapter_heads, m.connector_heads, m.codec_factor = 3, 4, 4, 4
   m.lora.rank, m.lora.trainable = lora_rank, lora_trainable
   c.stage = "finetune"
-  return c, iomm.build(c, vocab_size=64, image_token_id=6)
+  return c, iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
 
 
 def test_initial_trainable_takes_the_generator_and_inits_the_rest(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import example_folder, inputs, pipeline, prepare, records, sources
 from iomm_jax.eval import heldout
@@ -48,27 +49,27 @@ def test_example_folder_is_deterministic_and_captioned(tmp_path):
 
 def test_heldout_records_are_the_last_and_never_trained_on(folder):
   c = cfg(folder)
-  src, where = sources.training_source(c)
+  src, where = sources.training_source(specs.from_config(c))
   assert len(src) == N - HOLD and "6 held out" in where
-  full, _ = sources.open_source(c)
+  full, _ = sources.open_source(specs.from_config(c))
   keys = lambda s, idx: {records.decode_record(s[i])["key"] for i in idx}  # noqa: E731
   assert keys(src, range(len(src))) == keys(full, range(N - HOLD))
-  held = sources.heldout(c, 100, captioned=False)
+  held = sources.heldout(specs.from_config(c), 100, captioned=False)
   assert len(held) == HOLD and all(img.shape == (24, 24, 3) for img, _ in held)
-  captioned = sources.heldout(c, 100)
+  captioned = sources.heldout(specs.from_config(c), 100)
   assert 0 < len(captioned) <= HOLD and all(cap for _, cap in captioned)
   with pytest.raises(ValueError, match=r"config.data.holdout_records=0: .* no held-out records"):
-    sources.heldout(cfg(folder, **{"data.holdout_records": 0}), 4)
+    sources.heldout(specs.from_config(cfg(folder, **{"data.holdout_records": 0})), 4)
   # grids of a run that holds nothing out show (labelled) training records instead of failing
   assert len(generator.grid_prompts(cfg(folder, **{"data.holdout_records": 0}))) == 2
   with pytest.raises(ValueError, match=r"config.data.holdout_records=24: .* holds 24 records"):
-    sources.training_source(cfg(folder, **{"data.holdout_records": N}))
+    sources.training_source(specs.from_config(cfg(folder, **{"data.holdout_records": N})))
 
 
 def test_the_tokenizer_is_trained_on_the_folders_training_captions(folder, tmp_path):
   c = cfg(folder, "mllm")
-  corpus = sources.caption_corpus(c)
-  held = {cap for _, cap in sources.heldout(c, 100)}
+  corpus = sources.caption_corpus(specs.from_config(c))
+  held = {cap for _, cap in sources.heldout(specs.from_config(c), 100)}
   assert corpus and len(corpus) < N and all(cap.startswith("a ") for cap in corpus)
   tok = context.train_tokenizer(c, str(tmp_path / "tokenizer.model"))
   words = "a red ball on the grass in a room".split()
@@ -88,7 +89,7 @@ def test_stage0_captions_the_captioned_records(folder):
   c = cfg(folder, "mllm")
   tok = context.train_tokenizer(c, "")
   cond = pipeline.Conditioner(tok, 16, c.model.aux_prompt, c.model.max_text_len)
-  it = iter(pipeline.make_dataset(c, cond, seq_len=mllm.caption_len(c, 16)))
+  it = iter(pipeline.make_dataset(specs.from_config(c), cond, seq_len=mllm.caption_len(c, 16)))
   batch = next(it)
   assert batch["ids"].shape == (c.train.batch_size, mllm.caption_len(c, 16))
   assert batch["image"].shape[1:] == (24, 24, 3) and batch["loss_mask"].any(axis=1).all()
@@ -108,7 +109,7 @@ def test_stage0_refuses_a_folder_without_captions(tmp_path):
   cond = pipeline.Conditioner(context.train_tokenizer(cfg(out, "mllm", **{
     "data.source": "shapes"}), ""), 16, c.model.aux_prompt, 24)  # fmt: skip
   with pytest.raises(ValueError, match="holds no captioned record: stage 0"):
-    pipeline.make_dataset(c, cond, seq_len=64)
+    pipeline.make_dataset(specs.from_config(c), cond, seq_len=64)
 
 
 def test_heldout_score_counts_caption_matches_against_chance():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline
 from iomm_jax.data import shapes as S
@@ -85,7 +86,7 @@ def _finetune_config(**overrides):
 def test_finetune_batches_mix_and_replay(conditioner, monkeypatch):
   monkeypatch.chdir(pipeline.__file__.rsplit("/iomm_jax/", 1)[0])
   cfg = _finetune_config(**{"diffusion.mix_ratio": 0.5, "data.num_pairs": 64})
-  it = iter(pipeline.make_dataset(cfg, conditioner))
+  it = iter(pipeline.make_dataset(specs.from_config(cfg), conditioner))
   batches = [next(it) for _ in range(8)]
   b = batches[0]
   assert b["image"].shape == (16, cfg.data.canvas, cfg.data.canvas, 3)
@@ -96,7 +97,7 @@ def test_finetune_batches_mix_and_replay(conditioner, monkeypatch):
   img_ids, _ = conditioner.image_condition()
   for ids, only in zip(b["cond_ids"], b["is_image_only"]):
     assert (ids == img_ids).all() == bool(only)
-  again = iter(pipeline.make_dataset(cfg, conditioner))
+  again = iter(pipeline.make_dataset(specs.from_config(cfg), conditioner))
   for x in batches:
     y = next(again)
     assert all((x[k] == y[k]).all() for k in x)

@@ -13,6 +13,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from PIL import Image
 
 from iomm_jax import metrics
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import inputs, pipeline, prepare, records
 from iomm_jax.data import shapes as S
@@ -77,7 +78,7 @@ def conditioner() -> pipeline.Conditioner:
 
 
 def batches(config, conditioner, n):
-  it = iter(pipeline.make_dataset(config, conditioner))
+  it = iter(pipeline.make_dataset(specs.from_config(config), conditioner))
   return [next(it) for _ in range(n)]
 
 
@@ -127,11 +128,13 @@ def test_stage2_pairs_only_captioned_records(data_dir, conditioner):
 def test_errors_name_the_config_keys_and_the_manifest(data_dir, tmp_path, conditioner):
   with pytest.raises(FileNotFoundError, match=r"config.data.path='/nowhere'"):
     pipeline.make_dataset(
-      cfg(**{"data.source": "array_record", "data.path": "/nowhere"}), conditioner
+      specs.from_config(cfg(**{"data.source": "array_record", "data.path": "/nowhere"})),
+      conditioner,
     )
   with pytest.raises(FileNotFoundError, match="has no manifest.json"):
     pipeline.make_dataset(
-      cfg(**{"data.source": "array_record", "data.path": str(tmp_path)}), conditioner
+      specs.from_config(cfg(**{"data.source": "array_record", "data.path": str(tmp_path)})),
+      conditioner,
     )
   broken = tmp_path / "broken"
   broken.mkdir()
@@ -142,19 +145,22 @@ def test_errors_name_the_config_keys_and_the_manifest(data_dir, tmp_path, condit
   (broken / records.MANIFEST).write_text(json.dumps(m))
   with pytest.raises(ValueError, match=r"config.data.path=.*broken.*manifest.json lists 16"):
     pipeline.make_dataset(
-      cfg(**{"data.source": "array_record", "data.path": str(broken)}), conditioner
+      specs.from_config(cfg(**{"data.source": "array_record", "data.path": str(broken)})),
+      conditioner,
     )
   with pytest.raises(ValueError, match=r"config.data.source='parquet' unknown"):
-    pipeline.make_dataset(cfg(**{"data.source": "parquet"}), conditioner)
+    pipeline.make_dataset(specs.from_config(cfg(**{"data.source": "parquet"})), conditioner)
   # stage 0 reads captioned records (tests/data/test_own_data.py), but images, not features
   with pytest.raises(ValueError, match=r"config.data.features=.*stage 0 trains the MLLM's own"):
     c = load_config(os.path.join(EXP, "shapes", "mllm.py:quick"))
     with c.unlocked():
       c.data.source, c.data.path, c.data.features = "array_record", data_dir, str(tmp_path)
-    pipeline.make_dataset(c, conditioner, seq_len=64)
+    pipeline.make_dataset(specs.from_config(c), conditioner, seq_len=64)
   with pytest.raises(ValueError, match="config.data.tfds_name='nope'"):
     pipeline.make_dataset(
-      cfg(**{"data.source": "tfds", "data.path": str(tmp_path), "data.tfds_name": "nope"}),
+      specs.from_config(
+        cfg(**{"data.source": "tfds", "data.path": str(tmp_path), "data.tfds_name": "nope"})
+      ),
       conditioner,
     )
 
@@ -203,12 +209,12 @@ def test_stage1_trains_on_prepared_data_with_a_corrupt_record(tmp_path_factory):
 
 def test_iterator_state_restores_the_stream(data_dir, conditioner):
   c = cfg(**{"data.source": "array_record", "data.path": data_dir})
-  it = iter(pipeline.make_dataset(c, conditioner))
+  it = iter(pipeline.make_dataset(specs.from_config(c), conditioner))
   for _ in range(3):
     next(it)
   state = it.get_state()
   want = [next(it) for _ in range(3)]
-  again = iter(pipeline.make_dataset(c, conditioner))
+  again = iter(pipeline.make_dataset(specs.from_config(c), conditioner))
   again.set_state(state)
   for x, y in zip(want, [next(again) for _ in range(3)]):
     for k in x:

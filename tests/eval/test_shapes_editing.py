@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from iomm_jax import edit
-from iomm_jax.assembly.context import TOKENIZER_VOCAB
+from iomm_jax.configs.base import get_base_config
 from iomm_jax.data import pipeline, shapes
 from iomm_jax.data.tokenizer import Tokenizer
 from iomm_jax.eval import shapes_editing as E
@@ -57,7 +57,7 @@ def test_reconstruction_scorer():
 @pytest.fixture(scope="module")
 def conditioner(tmp_path_factory):
   corpus = shapes.all_caption_corpus(WORLD) + [shapes.AUX_PROMPT]
-  tok = Tokenizer.train(corpus, TOKENIZER_VOCAB, None)
+  tok = Tokenizer.train(corpus, get_base_config().model.tokenizer_vocab, None)
   return pipeline.Conditioner(tok, 16, shapes.AUX_PROMPT, 24)
 
 

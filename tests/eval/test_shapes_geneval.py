@@ -9,11 +9,11 @@ so these tests check the evaluation's bookkeeping; ``tests/cli`` runs it on a tr
 from __future__ import annotations
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from iomm_jax import inference, metrics
+from iomm_jax.configs.base import get_base_config
 from iomm_jax.data import shapes
 from iomm_jax.eval import shapes_geneval as G
 
@@ -21,13 +21,10 @@ WORLD = shapes.WorldConfig(canvas=24, grid=2, shapes=shapes.V2_SHAPES, holdout="
 
 
 def _config(world=WORLD):
-  c = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict(
-    {"canvas": world.canvas, "grid": world.grid, "shapes": world.shapes, "holdout": world.holdout}
-  )
-  c.sample = ml_collections.ConfigDict(
-    {"num_steps": 20, "solver": "euler", "cfg_scale": 3.0, "shift": 1.0}
-  )
+  """A run's config in ``world`` with the demo's sampler settings."""
+  c = get_base_config()
+  c.data.update(canvas=world.canvas, grid=world.grid, shapes=world.shapes, holdout=world.holdout)
+  c.sample.update(num_steps=20, solver="euler", cfg_scale=3.0, shift=1.0)
   return c
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.models import iomm, layers
 
@@ -32,7 +33,7 @@ def _tiny_model(condition: str = "rqa"):
   c.model.num_queries = 4
   c.model.adapter_heads = 4
   c.model.codec_factor = 4
-  return iomm.build(c, vocab_size=64, image_token_id=6)
+  return iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
 
 
 def test_condition_ignores_padding_and_uses_image_tokens():
@@ -59,7 +60,7 @@ def test_paper_size_counts():
   c = get_base_config()
   c.model.mllm, c.model.generator, c.model.codec = "internvl3_2b", "B", "vae"
   c.model.image_size = 512
-  model = iomm.build(c, vocab_size=151674, image_token_id=151667)
+  model = iomm.build(specs.from_config(c).model, vocab_size=151674, image_token_id=151667)
   shapes = jax.eval_shape(lambda: iomm.init_trainable(model, 0, 300))
   counts = {k: layers.count_params(v) for k, v in shapes.items()}
   assert counts["generator"] == 1_601_038_400
@@ -84,15 +85,25 @@ def test_image_tokens_stay_in_their_row_in_a_mixed_batch():
 def test_generator_attention_kernel_from_the_config():
   c = get_base_config()
   c.model.adapter_heads = 4
-  assert iomm.build(c, vocab_size=64, image_token_id=6).generator.config.attention == "xla"
+  assert (
+    iomm.build(
+      specs.from_config(c).model, vocab_size=64, image_token_id=6
+    ).generator.config.attention
+    == "xla"
+  )
   c.model.attention = "cudnn"
   with pytest.raises(ValueError, match="config.model.dtype bfloat16"):
-    iomm.build(c, vocab_size=64, image_token_id=6)
+    iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
   c.model.dtype = "bfloat16"
-  assert iomm.build(c, vocab_size=64, image_token_id=6).generator.config.attention == "cudnn"
+  assert (
+    iomm.build(
+      specs.from_config(c).model, vocab_size=64, image_token_id=6
+    ).generator.config.attention
+    == "cudnn"
+  )
   c.model.attention = "flash"
   with pytest.raises(ValueError, match="MMDiTConfig.attention"):
-    iomm.build(c, vocab_size=64, image_token_id=6)
+    iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
 
 
 def test_raw_condition_reads_the_input_positions():
@@ -116,13 +127,13 @@ def test_generator_overrides_resize_the_variant_and_name_bad_items():
   c = get_base_config()
   c.model.adapter_heads = 4
   c.model.generator_overrides = "num_layers=3, num_single_layers=1,num_attention_heads=6"
-  g = iomm.build(c, vocab_size=64, image_token_id=6).generator.config
+  g = iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6).generator.config
   assert (g.num_layers, g.num_single_layers, g.num_attention_heads) == (3, 1, 6)
   assert g.in_channels == 48 and g.axes_dims_rope == (8, 12, 12)  # the rest: "tiny"'s
   for bad in ("depth=3", "num_layers"):
     c.model.generator_overrides = bad
     with pytest.raises(ValueError, match=rf"generator_overrides: '{bad}' is not FIELD=VALUE"):
-      iomm.build(c, vocab_size=64, image_token_id=6)
+      iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
 
 
 @pytest.mark.parametrize("condition", ["rqa", "raw"])
@@ -139,4 +150,4 @@ def test_pooled_none_zeroes_only_the_pooled_vector(condition):
   c = get_base_config()
   c.model.pooled = "max"
   with pytest.raises(ValueError, match="config.model.pooled='max' unknown"):
-    iomm.build(c, vocab_size=64, image_token_id=6)
+    iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)

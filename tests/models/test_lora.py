@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import flux, tensors
 from iomm_jax.models import iomm, layers, mmdit
@@ -129,7 +130,7 @@ def test_split_and_join_the_generator():
   m = c.model
   m.num_queries, m.adapter_heads, m.connector_heads, m.codec_factor = 3, 4, 4, 4
   m.lora.rank, m.lora.trainable = 2, ("time_text_embed/text_embedder",)
-  model = iomm.build(c, vocab_size=64, image_token_id=6)
+  model = iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
   assert model.generator.lora == mmdit.LoRAConfig(
     rank=2, targets=("attn", "mlp"), trainable=("time_text_embed/text_embedder",)
   )
@@ -162,7 +163,7 @@ def test_lora_merged_needs_the_frozen_base():
   c = get_base_config()
   c.model.lora.rank = 2
   c.model.num_queries, c.model.adapter_heads, c.model.connector_heads = 3, 4, 4
-  model = iomm.build(c, vocab_size=64, image_token_id=6)
+  model = iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
   with pytest.raises(flux.ConversionError, match="exports with its frozen base weights"):
     flux.lora_merged(model, {"generator": {}}, None)
   # merge arithmetic on one layer: W + (alpha / r) A @ B

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.models import adapter, iomm, layers, mmdit
 from iomm_jax.train import steps
@@ -32,7 +33,7 @@ def _setup(remat: str):
   ctx = context.build(config)
   null_ids, null_valid = ctx.conditioner.null_condition()
   null = jnp.asarray(null_ids), jnp.asarray(null_valid)
-  loss_fn = steps.generator_loss_fn(ctx.model, config, *null)
+  loss_fn = steps.generator_loss_fn(ctx.model, specs.from_config(config), *null)
   boxed = jax.jit(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))()
   return ctx, loss_fn, boxed
 

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from iomm_jax import runtime, sharding
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.models import layers
 
@@ -145,7 +145,7 @@ def test_optimizer_state_is_placed_like_its_parameters(name):
   from iomm_jax.train import steps
 
   c = cfg(**{"optim.name": name})
-  opt, _ = optim.make_optimizer(c.optim, 10)
+  opt, _ = optim.make_optimizer(specs.from_config(c).optim, 10)
   params = {
     "w": nn.LogicallyPartitioned(jnp.zeros((4, 6)), ("embed", "mlp")),
     "b": nn.LogicallyPartitioned(jnp.zeros((6,)), ("mlp",)),
@@ -154,7 +154,7 @@ def test_optimizer_state_is_placed_like_its_parameters(name):
   sh = sharding.logical_shardings(boxed, sharding.single_device_mesh(), sharding.axis_rules(c))
   unboxed = sharding.unbox(boxed)
   assert jax.tree_util.tree_structure(sh) == jax.tree_util.tree_structure(unboxed)
-  specs = sharding.describe(sh)
-  assert specs["params/w"] == specs["ema/w"] == ["fsdp", "tensor"] and specs["step"] == []
-  moments = {k: v for k, v in specs.items() if k.startswith("opt_state") and k.endswith("/w")}
+  placed = sharding.describe(sh)
+  assert placed["params/w"] == placed["ema/w"] == ["fsdp", "tensor"] and placed["step"] == []
+  moments = {k: v for k, v in placed.items() if k.startswith("opt_state") and k.endswith("/w")}
   assert moments and all(v == ["fsdp", "tensor"] for v in moments.values())

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from iomm_jax.cli import plan as plan_cli
+from iomm_jax.configs import specs
 from iomm_jax.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +100,7 @@ def test_param_bytes_match_the_parameter_shapes(shardings_only):
 
   c = load_config(SHAPES)
   layout = plan.token_layout(c)
-  model = iomm.build(c, layout.vocab_size, layout.image_token_id)
+  model = iomm.build(specs.from_config(c).model, layout.vocab_size, layout.image_token_id)
   boxed = jax.eval_shape(lambda: iomm.init_trainable(model, 0, layout.cond_len))
   rules, sizes = sharding.axis_rules(c), {"data": 2, "fsdp": 2, "tensor": 2}
   want = 0

@@ -153,6 +153,7 @@ def sample(name: str, a: argparse.Namespace) -> None:
 
   from iomm_jax import inference, runtime, sharding
   from iomm_jax.cli import evaluate
+  from iomm_jax.configs import specs
   from iomm_jax.data import benchmark_format
   from iomm_jax.eval import shapes_geneval
 
@@ -166,7 +167,7 @@ def sample(name: str, a: argparse.Namespace) -> None:
   items = benchmark_format.read_prompts(a.prompts, "geneval")
   writer = benchmark_format.Writer("geneval", os.path.join(a.out, "geneval"), 3)
   fn = lambda prompts, keys: inference.sample_prompts(
-    config, ctx, params, prompts, keys, batch_size=a.batch, mesh=mesh
+    specs.from_config(config).sample, ctx, params, prompts, keys, batch_size=a.batch, mesh=mesh
   )
   counts = [
     benchmark_format.generate(fn, part, writer, 0, a.batch, False, mesh.size)
@@ -204,6 +205,7 @@ def _float_gap(config, ctx, params, prompts, mesh, batch: int) -> float:
   import numpy as np
 
   from iomm_jax import generate, inference
+  from iomm_jax.configs import specs
   from iomm_jax.eval import shapes_geneval
   from iomm_jax.models import codec
 
@@ -217,11 +219,13 @@ def _float_gap(config, ctx, params, prompts, mesh, batch: int) -> float:
   retrace()
   try:
     on_mesh = inference.sample_prompts(
-      config, ctx, params, prompts, keys, batch_size=batch, mesh=mesh
+      specs.from_config(config).sample, ctx, params, prompts, keys, batch_size=batch, mesh=mesh
     )
     one = jax.devices()[0]
     ctx.frozen, params = jax.device_put((ctx.frozen, params), one)
-    alone = inference.sample_prompts(config, ctx, params, prompts, keys, batch_size=batch)
+    alone = inference.sample_prompts(
+      specs.from_config(config).sample, ctx, params, prompts, keys, batch_size=batch
+    )
   finally:
     codec.unit_to_images = rounding
     retrace()
@@ -237,6 +241,7 @@ def _read_like(config, wd: str, start_step: int) -> tuple[list[list[str]], dict]
   """SHA-1 digests of the images of each batch this process reads in steps start_step+1 ..
   num_steps, from a fresh copy of the run's pipeline (same process shard), and the copy's
   iterator state after them (the run's iterator must end in the same state)."""
+  from iomm_jax.configs import specs
   from iomm_jax.data import pipeline
   from iomm_jax.data.tokenizer import Tokenizer
   from iomm_jax.models import mllm as mllm_lib
@@ -247,7 +252,11 @@ def _read_like(config, wd: str, start_step: int) -> tuple[list[list[str]], dict]
   conditioner = pipeline.Conditioner(
     tokenizer, n_img, config.model.aux_prompt, config.model.max_text_len
   )
-  it = iter(pipeline.make_dataset(config, conditioner, seq_len=mllm.caption_len(config, n_img)))
+  it = iter(
+    pipeline.make_dataset(
+      specs.from_config(config), conditioner, seq_len=mllm.caption_len(config, n_img)
+    )
+  )
   seen = []
   for step in range(1, config.train.num_steps + 1):
     batch = next(it)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from iomm_jax.assembly import context
 from iomm_jax.cli import cache_features as cli
+from iomm_jax.configs import specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import features, inputs, pipeline, prepare, records
 from iomm_jax.data.inputs import InputError
@@ -130,8 +131,8 @@ def test_a_step_on_cached_features_matches_online_encoding(data, encoded, stage,
   cached_cfg = cfg(data, stage, **over, **{"data.features": encoded(codec)[0]})
   ctx = context.build(online_cfg)
   on, ca = _first_mixed(
-    iter(pipeline.make_dataset(online_cfg, ctx.conditioner)),
-    iter(pipeline.make_dataset(cached_cfg, ctx.conditioner)),
+    iter(pipeline.make_dataset(specs.from_config(online_cfg), ctx.conditioner)),
+    iter(pipeline.make_dataset(specs.from_config(cached_cfg), ctx.conditioner)),
     stage,
   )
   arrays = {"vision", "latent_mean"} | ({"latent_std"} if codec == "vae" else set())

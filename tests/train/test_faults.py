@@ -25,7 +25,7 @@ import pytest
 
 from iomm_jax import PREEMPTED_EXIT_CODE, checkpointing, metrics, sharding
 from iomm_jax.assembly import workdirs
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.train import loop
 
@@ -70,7 +70,9 @@ def toy_run(config, workdir, batches=None):
   mesh, rules = sharding.single_device_mesh(), ()
   ds = grain.MapDataset.range(10**6).map(batches or ToyBatch())
   data_iter = iter(ds.to_iter_dataset())
-  optimizer, step = loop.make_train_step(toy_loss, config, config.train.num_steps)
+  optimizer, step = loop.make_train_step(
+    toy_loss, specs.from_config(config), config.train.num_steps
+  )
   init = lambda: {"w": 0.1 * jax.random.normal(jax.random.key(config.seed), (D, D))}
   state, state_sh, ckpt, start = loop.restore_or_init(
     config, workdir, init, optimizer, data_iter, mesh, rules
@@ -211,7 +213,7 @@ def restore_latest(c, wd):
   """What a rerun of the same command resumes from: (start step, its state)."""
   mesh = sharding.single_device_mesh()
   data_iter = iter(grain.MapDataset.range(10**6).map(ToyBatch()).to_iter_dataset())
-  optimizer, _ = loop.make_train_step(toy_loss, c, c.train.num_steps)
+  optimizer, _ = loop.make_train_step(toy_loss, specs.from_config(c), c.train.num_steps)
   init = lambda: {"w": jnp.zeros((D, D))}
   state, _, ckpt, start = loop.restore_or_init(c, wd, init, optimizer, data_iter, mesh, ())
   ckpt.close()

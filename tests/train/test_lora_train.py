@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.configs.loading import ConfigError, load_config, validate
 from iomm_jax.convert import tensors
@@ -37,7 +38,7 @@ def _model(rank: int, trainable: tuple[str, ...] = ()) -> iomm.IOMM:
   """An IOMM whose only part the test uses is its generator (CFG, with LoRA of ``rank``)."""
   c = get_base_config()
   c.model.num_queries, c.model.adapter_heads, c.model.connector_heads = 3, 4, 4
-  model = iomm.build(c, vocab_size=64, image_token_id=6)
+  model = iomm.build(specs.from_config(c).model, vocab_size=64, image_token_id=6)
   lora = mmdit.LoRAConfig(rank=rank, alpha=float(rank), trainable=trainable) if rank else None
   return model.__class__(**{**model.__dict__, "generator": mmdit.MMDiT(CFG, lora=lora)})
 
@@ -98,7 +99,7 @@ def _state_and_frozen(model: iomm.IOMM, seed: int = 0):
   )
   trainable, frozen_gen = iomm.split_generator(model, {"generator": gen})
   c = _optim_config()
-  optimizer, step = loop_lib.make_train_step(_generator_loss(model), c, 10)
+  optimizer, step = loop_lib.make_train_step(_generator_loss(model), specs.from_config(c), 10)
   state = steps.create_state(trainable, optimizer, ema=True)
   frozen = {} if frozen_gen is None else {"generator": frozen_gen}
   return optimizer, jax.jit(step), state, frozen

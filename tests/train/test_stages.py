@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from iomm_jax import metrics
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.train import finetune, pretrain
 
@@ -132,7 +132,9 @@ def test_prompt_longer_than_the_tokenizer_limit(stage1):
   config, ctx, params = inference.load_generator(stage1[0])
   long = "a photo of " + " and ".join(["a red circle"] * 20)
   with pytest.raises(ValueError, match="max_len=24"):
-    inference.sample_prompts(config, ctx, params, [long], seed=0)
-  img = inference.sample_prompts(config, ctx, params, ["a photo of a red circle"], seed=0, steps=2)
+    inference.sample_prompts(specs.from_config(config).sample, ctx, params, [long], seed=0)
+  img = inference.sample_prompts(
+    specs.from_config(config).sample, ctx, params, ["a photo of a red circle"], seed=0, steps=2
+  )
   s = config.model.image_size
   assert img.shape == (1, s, s, 3) and img.dtype == np.uint8

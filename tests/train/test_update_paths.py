@@ -15,7 +15,7 @@ import pytest
 from iomm_jax import metrics, perf
 from iomm_jax.assembly import context
 from iomm_jax.cli import convert
-from iomm_jax.configs import loading
+from iomm_jax.configs import loading, specs
 from iomm_jax.configs.loading import load_config
 from iomm_jax.data import pipeline
 from iomm_jax.models import iomm
@@ -46,13 +46,13 @@ def test_k_micro_batches_make_the_update_of_one_batch():
   c.train.batch_size = 8
   ctx = context.build(c)
   null = [jnp.asarray(a) for a in ctx.conditioner.null_condition()]
-  loss_fn = steps.generator_loss_fn(ctx.model, c, *null)
+  loss_fn = steps.generator_loss_fn(ctx.model, specs.from_config(c), *null)
   shapes = jax.eval_shape(lambda: iomm.init_trainable(ctx.model, 0, ctx.conditioner.cond_len))
   rng = np.random.default_rng(0)  # random values of every parameter (no init to compile)
   params = jax.tree_util.tree_map(
     lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), nn.meta.unbox(shapes)
   )
-  batch = next(iter(pipeline.make_dataset(c, ctx.conditioner)))
+  batch = next(iter(pipeline.make_dataset(specs.from_config(c), ctx.conditioner)))
   assert 0 < float(np.mean(batch["is_image_only"])) < 1  # both kinds of rows in the batch
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   sgd = optax.sgd(1.0)
