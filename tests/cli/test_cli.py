@@ -68,6 +68,7 @@ def test_one_checkpoint_has_one_score(demo):
   assert len(from_study["correct"]) == from_demo["num_images"] == 12
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_train_cli_overrides_and_resume(demo, tmp_path):
   """A relative path is stored absolute (the workdir loads from anywhere); the resume passes it
   absolute, and its model check compares no paths."""
@@ -157,6 +158,7 @@ def test_eval_cli_writes_scores_and_failures(demo):
   assert bad.returncode != 0 and "no checkpoint at step 5; saved steps: [3, 6]" in bad.stderr
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_sample_cli_benchmark_layouts_resume_identically(demo, tmp_path):
   from tests.data.test_benchmark_format import REAL_DPG, REAL_GENEVAL
 
@@ -219,6 +221,7 @@ def test_flags_take_dashes_or_underscores():
   ]  # fmt: skip
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_edit_cli_is_the_studys_zero_shot_route(demo, tmp_path):
   """iomm-edit on shapes-world editing tasks written as an ImgEdit-style JSON: one PNG per id
   (ImgEdit's layout), the images the study's editing scorer draws for the same tasks (so both

@@ -186,6 +186,7 @@ def stage0(quick_mllm):
   return quick_mllm[0]  # tests/conftest.py: trained once per session
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_local_quick_sweep_runs_reports_and_skips_finished(stage0, tmp_path, capsys):
   root = tmp_path / "sweep"
   argv = ["--config", PRETRAIN, "--workdir", str(root), "--quick", "--in-process",

@@ -94,6 +94,7 @@ def stage1(tmp_path_factory):
   return str(one / "p"), str(eight / "r"), out
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_stage1_on_8_devices_matches_one_device(stage1):
   one, eight, _ = stage1
   a, b = losses(one), losses(eight)
@@ -107,6 +108,7 @@ def test_stage1_on_8_devices_matches_one_device(stage1):
   assert_same_params(load_params(one), load_params(eight), rtol=0.0, atol=3e-4)
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_checkpoint_from_one_mesh_resumes_on_another(stage1):
   _, eight, out = stage1
   assert f"resuming {eight} at step 2" in out
@@ -114,6 +116,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(stage1):
   assert sorted(os.listdir(os.path.join(eight, "checkpoints"))) == ["2", "3"]
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_state_and_frozen_params_are_sharded(stage1):
   specs = read_json(os.path.join(stage1[1], "specs.json"))  # the run's last mesh: (2, 2, 2)
   p = specs["params"]
@@ -130,6 +133,7 @@ def test_state_and_frozen_params_are_sharded(stage1):
   assert f["mllm/vision_tower/encoder/layer_0/mlp/fc1/kernel"] == ["fsdp", "tensor"]
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 @pytest.mark.parametrize(
   "stage,extra",
   [

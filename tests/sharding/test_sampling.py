@@ -116,6 +116,7 @@ def check_eval(ref: str, got: str, pids=(0,)):
   assert "shapes_geneval.json" in want
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_benchmark_layout_on_8_devices_is_byte_identical(sampled):
   check_geneval(sampled["one"], sampled["eight"])
   r = result(sampled["eight"])
@@ -126,10 +127,12 @@ def test_benchmark_layout_on_8_devices_is_byte_identical(sampled):
   assert r["float_gap"] == 0.0
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_eval_on_8_devices_matches_one_device(sampled):
   check_eval(sampled["one"], sampled["eight"])
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_two_processes_write_each_image_once_and_match_one_device(sampled_two):
   sampled = sampled_two
   two = sampled["two"]

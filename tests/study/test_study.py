@@ -166,6 +166,7 @@ def test_a_preempted_pretraining_stops_the_study_before_its_fine_tune(tmp_path, 
   assert exit_.value.code == 75 and finetuned == []  # no stage 2 from a stopped stage 1
 
 
+@pytest.mark.slow  # issue 18: a long end-to-end set-up; .ci/run runs every slow test
 def test_question_1_miniature(tmp_path):
   """CI's one-seed miniature of question 1: all six recipes train, evaluate and tabulate."""
   path = os.path.join(ROOT, "experiments", "shapes", "study", "q1_recipes.py")
