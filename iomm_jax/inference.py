@@ -79,12 +79,11 @@ def sample(
   ``condition`` may add ``images`` and ``mask_ratio`` (image-conditioned rows). ``seed``: an int,
   or one PRNG key per row (``generate.generate``'s per-row noise). ``batch_size`` rows per call
   on each device; ``mesh``: the devices to split the calls over (``generate.generate``)."""
-  s = sampler
   sampler = dataclasses.replace(
-    s,
-    num_steps=steps or s.num_steps,
-    solver=solver or s.solver,
-    cfg_scale=s.cfg_scale if cfg is None else float(cfg),
+    sampler,
+    num_steps=steps or sampler.num_steps,
+    solver=solver or sampler.solver,
+    cfg_scale=sampler.cfg_scale if cfg is None else float(cfg),
   )
   null_ids, null_valid = ctx.conditioner.null_condition()
   return generate.generate(

@@ -97,6 +97,7 @@ def _main(argv):
   config, ctx, params = inference.load_generator(
     _WORKDIR.value, _EMA.value, _STEP.value, _MAX_TEXT_LEN.value, mesh=mesh
   )
+  sampler = specs.from_config(config).sample
   kw = dict(steps=_STEPS.value, cfg=_CFG.value, solver=_SOLVER.value)
   kw.update(batch_size=_BATCH.value, mesh=mesh)
   prompts = [_PROMPT.value] if items is None else [it.prompt for it in items]
@@ -104,7 +105,7 @@ def _main(argv):
   if items is not None:
     ctx.conditioner.text_conditions([it.prompt for it in items])  # every prompt fits, or say so
     sample_fn = lambda prompts, keys: inference.sample_prompts(
-      specs.from_config(config).sample, ctx, params, prompts, keys, **kw
+      sampler, ctx, params, prompts, keys, **kw
     )
     counts = benchmark_format.generate(
       sample_fn, items, writer, _SEED.value, _BATCH.value, _PROGRESS.value, mesh.size
@@ -112,7 +113,7 @@ def _main(argv):
     print(f"wrote {_FORMAT.value} layout to {_OUTDIR.value}: {json.dumps(counts)}")
     return
   imgs = inference.sample_prompts(
-    specs.from_config(config).sample, ctx, params, [_PROMPT.value] * _NUM.value, _SEED.value, **kw
+    sampler, ctx, params, [_PROMPT.value] * _NUM.value, _SEED.value, **kw
   )
   if jax.process_index() == 0:
     grid = metrics.image_grid(imgs, rows=max(1, int(np.sqrt(len(imgs)))))

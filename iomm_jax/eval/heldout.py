@@ -82,11 +82,12 @@ def evaluate(
 ) -> tuple[dict[str, Any], np.ndarray, list[np.ndarray]]:
   """(report, generated images, real images) for up to ``num_images`` captioned held-out
   records of ``config.data`` (``sources.heldout``)."""
-  held = sources.heldout(specs.from_config(config), num_images)
+  spec = specs.from_config(config)
+  held = sources.heldout(spec, num_images)
   captions = [c for _, c in held]
   real = np.stack([image for image, _ in held])
   gen = inference.sample_prompts(
-    specs.from_config(config).sample, ctx, params, captions, seed, batch_size=batch_size, mesh=mesh
+    spec.sample, ctx, params, captions, seed, batch_size=batch_size, mesh=mesh
   )
   report = score(captions, gen, image_features(ctx, real), image_features(ctx, gen))
   return report, gen, list(real)

@@ -132,7 +132,8 @@ def reconstruct(
 ) -> dict[str, dict[str, float]]:
   """The reconstruction control: ``n`` random source scenes under the stage-1 condition, masked
   at each ratio; ``{"r=0.0": {"exact": ., "preservation": .}, ...}``."""
-  world = pipeline.shapes_world(specs.from_config(config).data)
+  spec = specs.from_config(config)
+  world = pipeline.shapes_world(spec.data)
   rng = np.random.default_rng((seed, 8))
   scenes = [shapes.sample_scene(rng, world) for _ in range(n)]
   sources = np.stack([shapes.render(sc, world) for sc in scenes])
@@ -141,7 +142,7 @@ def reconstruct(
   out = {}
   for r in mask_ratios:
     images = inference.sample(
-      specs.from_config(config).sample, ctx, params, ids, valid, seed, images=sources, mask_ratio=r
+      spec.sample, ctx, params, ids, valid, seed, images=sources, mask_ratio=r
     )
     rs = [score_reconstruction(img, sc, world) for img, sc in zip(images, scenes, strict=True)]
     out[f"r={r}"] = {
