@@ -218,7 +218,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
     else:
       mllm = nn.meta.unbox(iomm.init_mllm(model, spec.seed + MLLM_SEED))
   codec = init_codec_params(  # converted VAE weights when model.vae_checkpoint is set
-    config, model.codec, iomm.init_key(spec.seed + 23), model.image_size
+    m, model.codec, iomm.init_key(spec.seed + 23), model.image_size
   )
   conditioner = pipeline.Conditioner(
     tokenizer, model.num_image_tokens, m.aux_prompt, m.max_text_len
@@ -226,15 +226,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Gene
   return GenerationContext(model, tokenizer, conditioner, {"mllm": mllm, "codec": codec})
 
 
-def codec_params(config: ml_collections.ConfigDict, template: Any) -> Any:
-  """The codec params of a run: ``template`` unchanged when ``config.model.vae_checkpoint`` is
-  empty, else the VAE imported there (``convert.vae.load_into``), checked against
-  ``config.model.vae``'s ``VAE_VARIANTS`` entry and ``template``'s shapes, cast to its dtypes.
+def codec_params(m: specs.ModelSpec, template: Any) -> Any:
+  """The codec params of a run (``m``: its model spec): ``template`` unchanged when
+  ``model.vae_checkpoint`` is empty, else the VAE imported there (``convert.vae.load_into``),
+  checked against ``model.vae``'s ``VAE_VARIANTS`` entry and ``template``'s shapes, cast to its
+  dtypes.
 
   Raises ``ConversionError`` when a checkpoint is set for a non-VAE codec, or when it holds
   another VAE than ``config.model.vae`` (both named, with the fields).
   """
-  m = specs.from_config(config).model
   path = m.vae_checkpoint
   if not path:
     return template
@@ -257,18 +257,18 @@ def codec_params(config: ml_collections.ConfigDict, template: Any) -> Any:
 
 
 def init_codec_params(
-  config: ml_collections.ConfigDict,
+  m: specs.ModelSpec,
   latent_codec: Any,
   rng: jax.Array,
   image_size: int | Sequence[int],
 ) -> Any:
-  """A run's codec params: ``latent_codec.init_params(rng, image_size)``, or, when
-  ``config.model.vae_checkpoint`` is set, the converted weights (no random init is computed;
+  """A run's codec params (``m``: its model spec): ``latent_codec.init_params(rng, image_size)``,
+  or, when ``model.vae_checkpoint`` is set, the converted weights (no random init is computed;
   only its shapes are traced)."""
-  if not specs.from_config(config).model.vae_checkpoint:
+  if not m.vae_checkpoint:
     return latent_codec.init_params(rng, image_size)
   template = jax.eval_shape(lambda key: latent_codec.init_params(key, image_size), rng)
-  return codec_params(config, template)
+  return codec_params(m, template)
 
 
 def _config_diff(variant: mllm_lib.MLLMConfig, ckpt: mllm_lib.MLLMConfig) -> list[str]:

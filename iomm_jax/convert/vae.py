@@ -17,7 +17,7 @@
   of the export gives bit-identical params (the transposes are exact).
 * ``load_into(path, want, template, what, wanted)`` -> the converted weights at ``path``, checked
   to be the VAE ``want`` and against ``template``'s shapes. A run's ``config.model.vae_checkpoint``
-  arrives here through ``assembly.context.codec_params``, which reads the config.
+  arrives here through ``assembly.context.codec_params``, which reads the model spec.
 
 Name table (``name_table``: our path -> diffusers key and hook; import and export read it):
 

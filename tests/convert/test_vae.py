@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
 from iomm_jax.assembly import context
+from iomm_jax.configs import specs
 from iomm_jax.configs.base import get_base_config
 from iomm_jax.convert import tensors, vae
 from iomm_jax.convert.tensors import ConversionError
@@ -164,7 +165,7 @@ def test_parity_tiny_through_the_run_config(models):
   config = get_base_config()
   config.model.codec, config.model.vae, config.model.vae_checkpoint = "vae", "tiny", m.ours
   vc = codec.make_codec("vae", variant="tiny")
-  params = context.init_codec_params(config, vc, jax.random.key(0), 16)
+  params = context.init_codec_params(specs.from_config(config).model, vc, jax.random.key(0), 16)
   x = _images(0)
   mean, _ = _torch_encode_decode(m.model, x)
   want = (mean - 0.1159) * 0.3611
@@ -353,11 +354,12 @@ def test_run_config_checks(models):
   config = get_base_config()
   config.model.codec, config.model.vae = "vae", "tiny"
   template = {"sentinel": 1}
-  assert context.codec_params(config, template) is template  # no checkpoint: unchanged
+  model = lambda: specs.from_config(config).model  # noqa: E731
+  assert context.codec_params(model(), template) is template  # no checkpoint: unchanged
   config.model.vae_checkpoint = models["wide"].ours
   with pytest.raises(ConversionError, match="different VAE.*'tiny'.*latent_channels") as e:
-    context.codec_params(config, template)
+    context.codec_params(model(), template)
   assert models["wide"].ours in str(e.value)
   config.model.codec = "pixel"
   with pytest.raises(ConversionError, match="codec='pixel'"):
-    context.codec_params(config, template)
+    context.codec_params(model(), template)
