@@ -618,6 +618,11 @@ def main(
   p.add_argument("--arms", nargs="*", help="only these arms (default: all)")
   p.add_argument("--write-docs", action="store_true", help="table into docs/RESULTS.md + plot")
   p.add_argument(
+    "--plot-dir",
+    default="",
+    help="also draw this call's table into <plot-dir>/<question>_<scale>.png (RESULTS untouched)",
+  )
+  p.add_argument(
     "--ledger",
     help="folder of measured results (<question>_<scale>.json), reused and added to (default "
     "with --write-docs: docs/study/ledger, whose every current entry the table shows)",
@@ -668,10 +673,14 @@ def main(
   out = os.path.join(a.root, question)
   os.makedirs(out, exist_ok=True)
   checkpointing.save_json(os.path.join(out, f"results_{scale.name}.json"), results)
+  seeds = sorted({s for r in results.values() for s in r["seed_ids"]})
+  caption = f"{title} ({scale.name} scale, seeds {', '.join(map(str, seeds))})"
+  if a.plot_dir:
+    os.makedirs(a.plot_dir, exist_ok=True)
+    plot(results, caption, os.path.join(a.plot_dir, f"{question}_{scale.name}.png"))
   if a.write_docs:
     png = os.path.join(ROOT, "docs", "study", f"{question}_{scale.name}.png")
-    seeds = sorted({s for r in results.values() for s in r["seed_ids"]})
-    plot(results, f"{title} ({scale.name} scale, seeds {', '.join(map(str, seeds))})", png)
+    plot(results, caption, png)
     # the command that measures (or, with the ledger, re-tabulates) exactly this table
     cmd = f"python {script} --scale {scale.name} --seeds {' '.join(map(str, seeds))}"
     if len(results) < len(arms):

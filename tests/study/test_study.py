@@ -121,6 +121,33 @@ def test_the_ledger_keeps_results_across_calls_and_drops_stale_ones(tmp_path, mo
   assert not rec.matches(old)
 
 
+def test_main_prints_contrasts_and_plots_into_a_folder_without_touching_results(
+  tmp_path, monkeypatch, capsys
+):
+  """``--plot-dir``: the table of this call drawn into ``<dir>/<question>_<scale>.png`` (two
+  questions of one script into two files), the paired contrast printed, RESULTS left alone."""
+  tags = ["a", "a", "b", "b"]
+
+  def run_arm(arm, seed, scale, root, question, metric="geneval"):
+    correct = [True, arm.name == "A", seed == 0, False]
+    return {"overall": 0.5, "categories": {"a": 0.5, "b": 0.5}, "correct": correct,
+            "tags": tags, "prompts": ["p", "q", "r", "s"]}  # fmt: skip
+
+  monkeypatch.setattr(study, "run_arm", run_arm)
+  monkeypatch.setattr(study, "write_docs", lambda *a: pytest.fail("RESULTS written"))
+  arms = [study.Arm("A"), study.Arm("B", pretrain_overrides=(("diffusion.mask_ratio", 0.5),))]
+  plots = tmp_path / "plots"
+  argv = ["--scale", "quick", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
+          "--plot-dir", str(plots)]  # fmt: skip
+  study.main("q8", "Q8", arms, "q8.py", argv, contrasts=(study.Contrast("A vs B", "A", "B"),))
+  study.main("q8r", "Q8r", arms, "q8.py", argv)
+  out = capsys.readouterr().out
+  assert "| A vs B: A − B | +0.250" in out  # A gets prompt q right, B never
+  assert sorted(os.listdir(plots)) == ["q8_quick.png", "q8r_quick.png"]
+  with Image.open(plots / "q8_quick.png") as im:
+    assert im.size[0] > 200 and im.size[1] > 100
+
+
 def test_arm_validation():
   with pytest.raises(ValueError, match="pretrain='text'"):
     study.Arm("x", pretrain="text")
